@@ -1,0 +1,110 @@
+"""Scenes of the shapes task: the shapes, how they are placed and drawn, and described.
+
+Part of ``mpo.demo.shapes`` (its docstring has the task and the file layout); import from there.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+# Saturated and far apart in RGB, so a 64-px image leaves no doubt about a shape's colour.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 200, 20),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+BACKGROUND: tuple[int, int, int] = (235, 235, 235)
+# At most 5 shapes keeps every count and sum in 0-5, small enough for a tiny model to learn.
+MIN_SHAPES, MAX_SHAPES = 2, 5
+# Shape side as a fraction of the image side: 11-15 px at 64 px, wider than one 8-px patch.
+SIZE_RANGE: tuple[float, float] = (0.17, 0.23)
+GAP = 2  # pixels kept between bounding boxes, so shapes never touch
+_LOCATIONS = (
+    ("at the top left", "at the top", "at the top right"),
+    ("on the left", "in the centre", "on the right"),
+    ("at the bottom left", "at the bottom", "at the bottom right"),
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One shape of a scene: centre (x, y) in pixels, ``size`` the side of its bounding square."""
+
+    colour: str
+    shape: str
+    x: int
+    y: int
+    size: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+def _overlaps(a: Shape, b: Shape) -> bool:
+    reach = (a.size + b.size) / 2 + GAP
+    return abs(a.x - b.x) < reach and abs(a.y - b.y) < reach
+
+
+def sample_scene(rng: random.Random, image_size: int) -> list[Shape]:
+    """Draw 2-5 shapes with random colour, kind, size and non-overlapping position."""
+    num_shapes = rng.randint(MIN_SHAPES, MAX_SHAPES)
+    low, high = (max(4, round(f * image_size)) for f in SIZE_RANGE)
+    while True:  # a layout that cannot fit restarts; never happens at the default sizes
+        shapes: list[Shape] = []
+        for _ in range(200):
+            size = rng.randint(low, high)
+            half = size // 2 + 1  # keeps a 1-px border, so pixel (0, 0) is always background
+            candidate = Shape(
+                colour=rng.choice(list(COLOURS)),
+                shape=rng.choice(SHAPES),
+                x=rng.randint(half, image_size - 1 - half),
+                y=rng.randint(half, image_size - 1 - half),
+                size=size,
+            )
+            if not any(_overlaps(candidate, placed) for placed in shapes):
+                shapes.append(candidate)
+                if len(shapes) == num_shapes:
+                    return shapes
+
+
+def render_scene(shapes: Sequence[Shape], image_size: int) -> Image.Image:
+    """Draw the shapes without anti-aliasing, so every shape pixel has exactly its colour."""
+    image = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for item in shapes:
+        left, top = item.x - item.size // 2, item.y - item.size // 2
+        right, bottom = left + item.size - 1, top + item.size - 1
+        fill = COLOURS[item.colour]
+        if item.shape == "circle":
+            draw.ellipse((left, top, right, bottom), fill=fill)
+        elif item.shape == "square":
+            draw.rectangle((left, top, right, bottom), fill=fill)
+        else:  # an upright triangle; its centre (x, y) lies inside it
+            draw.polygon([(item.x, top), (left, bottom), (right, bottom)], fill=fill)
+    return image
+
+
+def location(item: Shape, image_size: int) -> str:
+    """The shape's cell in a 3x3 grid, as words: "at the top left", "in the centre", ..."""
+    row, column = (min(3 * v // image_size, 2) for v in (item.y, item.x))
+    return _LOCATIONS[row][column]
+
+
+def describe_scene(shapes: Sequence[Shape], image_size: int) -> str:
+    """The reference description, in reading order (3x3 grid row, then left to right)."""
+    ordered = sorted(shapes, key=lambda s: (min(3 * s.y // image_size, 2), s.x, s.y))
+    parts = [f"a {s.name} {location(s, image_size)}" for s in ordered]
+    return f"There are {len(shapes)} shapes: {join_words(parts)}."
+
+
+
+def join_words(parts: Sequence[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+

@@ -1,0 +1,277 @@
+"""A synthetic visual reasoning task: coloured shapes on a plain background, offline and seeded.
+
+Launch::
+
+    python -m mpo.demo.shapes OUT --train 400 --test 100 --questions-per-image 4 --seed 0
+
+Each image (``image_size`` pixels square, 64 by default: one tile of the demo model) holds 2-5
+non-overlapping shapes (circle, square, triangle) in four well-separated colours (red, green,
+blue, yellow), so every count is 0-5. Each image gets ``questions_per_image`` distinct checkable
+questions, one family (``kind``) after another in a seeded order:
+
+    count_colour        How many red shapes are there?                        -> 3
+    count_shape         How many circles are there?                           -> 2
+    count_colour_shape  How many blue triangles are there?                    -> 1
+    count_total         How many shapes are there?                            -> 4
+    not_colour          How many shapes are not red?                          -> 1
+    sum_colours         How many red and blue shapes are there in total?      -> 4
+    difference          How many more red shapes than blue shapes are there?  -> 2
+    compare_more        Are there more red shapes than blue shapes?           A. Yes / B. No
+    compare_which       Which colour has more shapes, red or blue?            A. red / B. blue /
+                                                                  C. they have the same number
+    position_pair       Is the red circle to the left of the blue square?     A. Yes / B. No
+                        (also: to the right of, above, below)
+    position_extreme    Which shape is furthest to the left?                  A. the red circle /
+                        (also: right; closest to the top, bottom)             B. the blue square
+
+plus one open-ended "describe" question per image, for Dropout-NTP.
+
+Layout written under OUT (images first, each JSONL last and atomically, so a killed run never
+leaves a half-written JSONL; stale files of an earlier, larger run in OUT are left alone)::
+
+    OUT/images/train/000001.png ...   RGB PNGs; test images under images/test/
+    OUT/train.jsonl, OUT/test.jsonl   checkable questions, one JSON object a line
+    OUT/train_describe.jsonl, OUT/test_describe.jsonl
+    OUT/summary.json                  what generate_shapes_task returns
+
+A line of ``<split>.jsonl`` (``image`` is relative to OUT)::
+
+    {"id": "train-000001-q0", "image": "images/train/000001.png", "image_id": "train-000001",
+     "question": "How many red shapes are there?", "answer": "3", "answer_type": "number",
+     "choices": null, "kind": "count_colour",
+     "cot": "I count the red shapes: 2 red circles and 1 red square, 3 in total.\\nFinal answer: 3",
+     "scene": [{"colour": "red", "shape": "circle", "x": 12, "y": 40, "size": 12}, ...]}
+
+Multiple-choice lines have ``answer_type: "choice"``, ``choices: ["Yes", "No"]`` (the options in
+order A, B, ...), the options already listed in ``question`` and a letter as ``answer``.
+``scene`` lists every shape: ``x``, ``y`` are its centre in pixels, ``size`` the side of its
+bounding square. ``cot`` is the reference chain of thought for SFT: a one-line rationale, a
+newline, then ``Final answer: <answer>`` (the pipeline's v1 answer format).
+
+A line of ``<split>_describe.jsonl`` has the same keys with ``kind: "describe"``,
+``answer: null`` (nothing checkable: the pipeline routes it to Dropout-NTP), ``answer_type`` and
+``choices`` null, and the reference description as ``cot`` ("There are 3 shapes: a red circle at
+the top left, ..."), so an SFT stage reads ``cot`` from both files alike.
+
+``question`` is raw: no ``<image>`` placeholder and no chain-of-thought instruction. The caller
+wraps it with the pipeline's v1 instruction (data_pipeline/prompts.py holds the official wording,
+ending in ``please use the format "Final answer: .."``), so the wording lives in one place and this
+module depends on nothing but Pillow.
+
+Code: scenes (placing, drawing, describing) in ``_shapes_scene.py``, the question families and
+their chains of thought in ``_shapes_questions.py``, generation and writing here; everything
+public is re-exported here.
+
+Train and test never share an image: per-image seeds are derived from (seed, split, index), and a
+test scene identical to a train scene is redrawn; both are asserted before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import random
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mpo.demo._shapes_questions import (
+    FAMILIES,
+    LETTERS,
+    POSITION_MARGIN,
+    Question,
+    sample_questions,
+)
+from mpo.demo._shapes_scene import (
+    BACKGROUND,
+    COLOURS,
+    MAX_SHAPES,
+    MIN_SHAPES,
+    SHAPES,
+    Shape,
+    describe_scene,
+    location,
+    render_scene,
+    sample_scene,
+)
+
+__all__ = [
+    "BACKGROUND", "COLOURS", "DESCRIBE_QUESTIONS", "FAMILIES", "LETTERS", "MAX_QUESTIONS_PER_IMAGE",
+    "MAX_SHAPES", "MIN_SHAPES", "POSITION_MARGIN", "SHAPES", "SPLITS", "Question", "Shape",
+    "describe_scene", "generate_shapes_task", "location", "main", "render_scene",
+    "sample_questions", "sample_scene",
+]
+
+MAX_QUESTIONS_PER_IMAGE = 12
+SPLITS: tuple[str, ...] = ("train", "test")
+DESCRIBE_QUESTIONS: tuple[str, ...] = (
+    "Describe the image.",
+    "Describe the shapes in this image and where they are.",
+    "What do you see in this picture?",
+)
+
+# ---------------------------------------------------------------- writing
+
+
+@dataclass
+class _Item:
+    """One generated image with its questions, before serialisation."""
+
+    image_id: str
+    relative_path: str
+    scene: list[Shape]
+    questions: list[Question]
+    describe_question: str
+    png: bytes
+
+
+def _image_rng(seed: int, split: str, index: int, attempt: int) -> random.Random:
+    # A hash of (seed, split, index) rather than seed + index: train and test draw from unrelated
+    # streams, and image i does not depend on how many images come before it.
+    digest = hashlib.sha256(f"shapes/{seed}/{split}/{index}/{attempt}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def _scene_key(scene: Sequence[Shape]) -> tuple[Shape, ...]:
+    return tuple(sorted(scene, key=lambda s: (s.x, s.y, s.colour, s.shape, s.size)))
+
+
+def _make_items(
+    split: str, count: int, seed: int, image_size: int, questions_per_image: int,
+    avoid: set[tuple[Shape, ...]],
+) -> list[_Item]:
+    items = []
+    for index in range(1, count + 1):
+        attempt = 0
+        while True:
+            rng = _image_rng(seed, split, index, attempt)
+            scene = sample_scene(rng, image_size)
+            if _scene_key(scene) not in avoid:
+                break
+            attempt += 1  # an exact repeat of a train scene: redraw, so test stays unseen
+        questions = sample_questions(scene, image_size, rng, questions_per_image)
+        buffer = io.BytesIO()
+        render_scene(scene, image_size).save(buffer, format="PNG")  # no timestamp: reproducible
+        items.append(_Item(f"{split}-{index:06d}", f"images/{split}/{index:06d}.png", scene,
+                           questions, rng.choice(DESCRIBE_QUESTIONS), buffer.getvalue()))
+    return items
+
+
+def _records(items: Sequence[_Item], image_size: int) -> tuple[list[dict], list[dict]]:
+    checkable, describe = [], []
+    for item in items:
+        common = {"image": item.relative_path, "image_id": item.image_id}
+        scene = [asdict(s) for s in item.scene]
+        for j, q in enumerate(item.questions):
+            checkable.append({
+                "id": f"{item.image_id}-q{j}", **common, "question": q.text, "answer": q.answer,
+                "answer_type": "choice" if q.choices else "number",
+                "choices": list(q.choices) or None, "kind": q.kind, "cot": q.cot, "scene": scene,
+            })
+        describe.append({
+            "id": f"{item.image_id}-describe", **common, "question": item.describe_question,
+            "answer": None, "answer_type": None, "choices": None, "kind": "describe",
+            "cot": describe_scene(item.scene, image_size), "scene": scene,
+        })
+    return checkable, describe
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary sibling, then rename: readers see the old file or the whole new one."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def _jsonl(records: Sequence[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+def generate_shapes_task(
+    out_dir: str | os.PathLike[str],
+    *,
+    num_train_images: int,
+    num_test_images: int,
+    questions_per_image: int,
+    seed: int,
+    image_size: int = 64,
+) -> dict[str, Any]:
+    """Generate the shapes task under ``out_dir`` (layout in the module docstring).
+
+    Args:
+        out_dir: output directory, created if missing.
+        num_train_images: images in the train split (each gives ``questions_per_image`` lines
+            of ``train.jsonl`` and one of ``train_describe.jsonl``).
+        num_test_images: images in the test split, never sharing a scene with train.
+        questions_per_image: distinct checkable questions per image, 1 to 12.
+        seed: the same seed gives byte-identical files.
+        image_size: side of the square images in pixels (at least 32).
+
+    Returns:
+        The summary also written to ``summary.json``: the settings, the number of images,
+        questions and describe items per split, and the question count per kind and split.
+    """
+    if num_train_images < 0 or num_test_images < 0:
+        raise ValueError("image counts must be >= 0")
+    if not 1 <= questions_per_image <= MAX_QUESTIONS_PER_IMAGE:
+        raise ValueError(f"questions_per_image must be in 1..{MAX_QUESTIONS_PER_IMAGE}")
+    if image_size < 32:
+        raise ValueError("image_size must be >= 32 to fit 5 distinguishable shapes")
+    train = _make_items("train", num_train_images, seed, image_size, questions_per_image, set())
+    train_scenes = {_scene_key(item.scene) for item in train}
+    test = _make_items("test", num_test_images, seed, image_size, questions_per_image,
+                       train_scenes)
+    # The guarantee the held-out evaluation rests on: no test image was ever seen in training.
+    # A raise, not an assert, so that it holds under ``python -O`` too.
+    if not (train_scenes.isdisjoint(_scene_key(item.scene) for item in test)
+            and {item.png for item in train}.isdisjoint(item.png for item in test)):
+        raise RuntimeError("a test image repeats a train image")
+
+    out = Path(out_dir)
+    summary: dict[str, Any] = {"seed": seed, "image_size": image_size,
+                               "questions_per_image": questions_per_image}
+    kinds: dict[str, dict[str, int]] = {}
+    for split, items in zip(SPLITS, (train, test), strict=True):
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        for item in items:
+            _write_atomic(out / item.relative_path, item.png)
+        checkable, describe = _records(items, image_size)
+        _write_atomic(out / f"{split}.jsonl", _jsonl(checkable))
+        _write_atomic(out / f"{split}_describe.jsonl", _jsonl(describe))
+        summary[f"{split}_images"] = len(items)
+        summary[f"{split}_questions"] = len(checkable)
+        summary[f"{split}_describe"] = len(describe)
+        kinds[split] = dict(sorted(Counter(r["kind"] for r in checkable).items()))
+    summary["kinds"] = kinds
+    _write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mpo.demo.shapes OUT --train N --test M --seed S``; prints the summary."""
+    parser = argparse.ArgumentParser(prog="python -m mpo.demo.shapes", description=__doc__.split(
+        "\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("out_dir", help="output directory")
+    parser.add_argument("--train", type=int, default=400, help="train images")
+    parser.add_argument("--test", type=int, default=100, help="test images")
+    parser.add_argument("--questions-per-image", type=int, default=4,
+                        help="checkable questions per image")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
+    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    args = parser.parse_args(argv)
+    summary = generate_shapes_task(
+        args.out_dir, num_train_images=args.train, num_test_images=args.test,
+        questions_per_image=args.questions_per_image, seed=args.seed, image_size=args.image_size)
+    json.dump(summary, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
