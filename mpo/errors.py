@@ -1,0 +1,21 @@
+"""The one error type for bad user input: it always names the file, the line and the field."""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """Bad input data or configuration, reported as ``file:line: field: message``.
+
+    The CLI prints it as one line and exits non-zero (no traceback). With
+    ``data.on_bad_sample: skip`` the trainer records it in ``skipped.jsonl`` instead.
+    """
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None, field: str | None = None):
+        self.file, self.line, self.field, self.reason = file, line, field, message
+        where = ":".join(str(x) for x in (file, line) if x is not None)
+        prefix = f"{where}: " if where else ""
+        prefix += f"{field}: " if field else ""
+        super().__init__(prefix + message)
+
+    def to_record(self) -> dict:
+        return {"file": self.file, "line": self.line, "field": self.field, "error": self.reason}

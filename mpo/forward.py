@@ -1,0 +1,109 @@
+"""One forward pass over a :class:`PreferenceBatch` -> summed log-probs of every response.
+
+:class:`PreferenceForward` wraps the HF InternVL model so that the whole computation (vision
+features, language model, LM head on response positions only, log-softmax) runs inside the
+``forward`` that DDP or DeepSpeed wraps: their gradient hooks and ZeRO-3 parameter gathering see
+one ordinary module call.
+
+The vision tower runs once per pair (``feature_repeat`` copies its features into the chosen and the
+rejected rows), and features computed by the policy can be handed to the reference when both share
+a frozen vision tower and projector, so one vision pass can serve the whole step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from mpo.types import PreferenceBatch, SequenceLogps
+
+
+@dataclass
+class ForwardOutput:
+    """Log-probs of a micro-batch plus the image features used (to share with the reference)."""
+
+    logps: SequenceLogps
+    image_features: torch.Tensor | None
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The ``InternVLForConditionalGeneration`` under a peft wrapper (adapters stay injected)."""
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def attention_mask_for(batch: PreferenceBatch, dtype: torch.dtype) -> torch.Tensor:
+    """The 2D padding mask, or the layout's 4D "may attend" mask as an additive bias."""
+    if batch.attention_bias is None:
+        return batch.attention_mask
+    bias = torch.zeros(batch.attention_bias.shape, dtype=dtype, device=batch.attention_bias.device)
+    return bias.masked_fill(~batch.attention_bias, torch.finfo(dtype).min)
+
+
+def sequence_logps(token_logps: torch.Tensor, segment_ids: torch.Tensor, num_pairs: int) -> SequenceLogps:
+    """Sums per-token log-probs into ``[chosen..., rejected...]`` sequences.
+
+    Args:
+        token_logps: ``[N]`` log p of each scored token.
+        segment_ids: ``[N]`` ``j`` for pair j's chosen tokens, ``num_pairs + j`` for its rejected.
+        num_pairs: B.
+    """
+    sums = token_logps.new_zeros(2 * num_pairs).index_add(0, segment_ids, token_logps)
+    counts = torch.bincount(segment_ids, minlength=2 * num_pairs)
+    return SequenceLogps(
+        chosen_logps=sums[:num_pairs],
+        rejected_logps=sums[num_pairs:],
+        chosen_token_counts=counts[:num_pairs],
+        rejected_token_counts=counts[num_pairs:],
+    )
+
+
+class PreferenceForward(nn.Module):
+    """Wraps an InternVL model; ``forward(batch)`` returns summed response log-probs.
+
+    Args:
+        model: an ``InternVLForConditionalGeneration`` (or a peft model around one).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[tiles, tokens_per_tile, hidden]`` projected features of the tiles."""
+        hf = base_model(self.model)
+        return hf.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+
+    def forward(self, batch: PreferenceBatch, image_features: torch.Tensor | None = None) -> ForwardOutput:
+        """Scores every response token of the batch.
+
+        Args:
+            batch: the micro-batch, on the model's device.
+            image_features: features of ``batch.pixel_values`` computed elsewhere (the policy's,
+                for a reference with the same frozen vision tower); computed here when ``None``.
+        """
+        hf = base_model(self.model)
+        if image_features is None and batch.pixel_values is not None:
+            image_features = self.image_features(batch.pixel_values)
+        encoder_outputs = None
+        if image_features is not None:
+            features = image_features.repeat(batch.feature_repeat, 1, 1) if batch.feature_repeat > 1 else image_features
+            encoder_outputs = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+        dtype = hf.get_input_embeddings().weight.dtype
+        hidden = hf.model(
+            input_ids=batch.input_ids,
+            attention_mask=attention_mask_for(batch, dtype),
+            position_ids=batch.position_ids,
+            mm_encoder_outputs=encoder_outputs,
+            use_cache=False,
+        ).last_hidden_state
+        # The LM head runs on the response positions only: prompts are mostly image tokens,
+        # and a [rows, T, vocab] logits tensor would dominate memory for nothing.
+        scored = hidden.flatten(0, 1)[batch.predict_index]
+        logits = hf.lm_head(scored).float()
+        token_logps = logits.gather(-1, batch.target_ids[:, None]).squeeze(-1) - logits.logsumexp(-1)
+        return ForwardOutput(sequence_logps(token_logps, batch.segment_ids, batch.num_pairs), image_features)
