@@ -9,6 +9,7 @@ with a default; a value of the wrong type is an error naming the key.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from typing import Any, Literal
 import yaml
 
 from mpo.errors import DataError
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 @dataclass
@@ -176,6 +179,9 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
             raise DataError(f"expected true or false, got {value!r}", field=key)
         return value
     if annotation is float:
+        # PyYAML follows YAML 1.1, which reads 1e-5 (no dot) as a string; take it as the number.
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise DataError(f"expected a number, got {value!r}", field=key)
         return float(value)
