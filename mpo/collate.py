@@ -20,8 +20,12 @@ same way for each.
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
 
+from mpo.config import DataConfig, ForwardConfig
 from mpo.types import EncodedPair, PreferenceBatch
 
 
@@ -72,3 +76,12 @@ def collate_plain(pairs: list[EncodedPair], pad_id: int, dedupe_vision: bool = T
         feature_repeat=2 if dedupe_vision else 1,
         sources=[p.source for p in pairs],
     )
+
+
+def build_collator(forward: ForwardConfig, data: DataConfig, pad_id: int) -> Callable[[list[EncodedPair]], PreferenceBatch]:
+    """The recipe's layout as a ``pairs -> PreferenceBatch`` function."""
+    if forward.layout == "plain":
+        return partial(collate_plain, pad_id=pad_id, dedupe_vision=forward.dedupe_vision)
+    from mpo.packing import build_prefix_collator
+
+    return build_prefix_collator(forward, data, pad_id)

@@ -1,0 +1,5 @@
+import sys
+
+from mpo.cli import main
+
+sys.exit(main())

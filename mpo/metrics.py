@@ -1,0 +1,117 @@
+"""Step metrics: averaged over micro-batches and processes, written to metrics.jsonl and W&B.
+
+Reward metrics are reported unscaled (r = beta * log-ratio), not multiplied by the sum of the
+loss weights as one peer does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from mpo.types import MPOLossOutput, SequenceLogps
+
+
+class StepStats:
+    """Accumulates per-micro-batch means of every metric within one optimizer step."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.micro_batches = 0
+        self.tokens = 0
+        self.pairs = 0
+
+    def add(self, output: MPOLossOutput, policy: SequenceLogps, num_tokens: int, num_pairs: int) -> None:
+        values = {"loss": output.loss.detach()}
+        values.update({f"loss/{name}": value.detach() for name, value in output.terms.items()})
+        if output.chosen_rewards is not None:
+            chosen, rejected = output.chosen_rewards.detach(), output.rejected_rewards.detach()
+            values["rewards/chosen"] = chosen.mean()
+            values["rewards/rejected"] = rejected.mean()
+            values["rewards/margins"] = (chosen - rejected).mean()
+            values["rewards/accuracies"] = (chosen > rejected).float().mean()
+        values["logps/chosen"] = policy.chosen_logps.detach().mean()
+        values["logps/rejected"] = policy.rejected_logps.detach().mean()
+        for name, value in values.items():
+            self.sums[name] += float(value)
+        self.micro_batches += 1
+        self.tokens += num_tokens
+        self.pairs += num_pairs
+
+    def reduce(self, accelerator) -> dict[str, float]:
+        """Means over micro-batches and processes; token and pair counts summed over processes."""
+        names = sorted(self.sums)
+        local = torch.tensor([self.sums[n] / self.micro_batches for n in names] + [self.tokens, self.pairs], dtype=torch.float64)
+        local = local.to(accelerator.device)
+        total = accelerator.reduce(local, reduction="sum")
+        world = accelerator.num_processes
+        result = {n: float(total[i]) / world for i, n in enumerate(names)}
+        result["tokens"] = float(total[-2])
+        result["pairs"] = float(total[-1])
+        return result
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to ``metrics.jsonl`` (main process) and to W&B.
+
+    On resume the file is cut back to the checkpoint's step, so a resumed run's file reads like an
+    uninterrupted one.
+    """
+
+    def __init__(self, output_dir: str | Path, recipe_dict: dict, report_to: str, resume_step: int, project: str, run_name: str):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(resume_step)
+        self.wandb_run = None
+        if report_to == "wandb":
+            import wandb
+
+            # WANDB_MODE=offline is honoured by wandb itself; the API key is never read here.
+            self.wandb_run = wandb.init(
+                project=project,
+                name=run_name or None,
+                config=recipe_dict,
+                dir=str(self.path.parent),
+                resume="allow",
+                id=_run_id(self.path.parent),
+            )
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line torn by a crash
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def _run_id(output_dir: Path) -> str:
+    """A W&B run id stored in the output directory, so a resumed run continues the same run."""
+    path = output_dir / "wandb_run_id"
+    if path.exists():
+        return path.read_text().strip()
+    import uuid
+
+    run_id = uuid.uuid4().hex[:12]
+    path.write_text(run_id)
+    return run_id
