@@ -1,0 +1,289 @@
+"""MMPR reading: one-line errors for bad input, repeat_time, tiling, video, over-long pairs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import AutoProcessor
+
+from mpo.config import DataConfig
+from mpo.data import PreferenceDataset, append_skipped, load_records, read_meta
+from mpo.errors import DataError
+from mpo.inputs import load_video_frames
+
+GOOD = {"image": "ok.png", "question": "<image>\nHow many circles?", "chosen": "Two.\nFinal answer: 2",
+        "rejected": "Three.\nFinal answer: 3"}
+TOKENS_PER_TILE = 16  # the tiny model: 64-px tiles, 8-px patches, pixel shuffle 0.5
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir):
+    return AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+def _write(tmp_path: Path, lines: list, **meta_extra) -> tuple[DataConfig, Path]:
+    """One subset ``bad`` (root ``images/``) whose JSONL holds ``lines`` (dicts or raw strings).
+
+    ``images/ok.png`` and ``images/broken.png`` (not an image) exist; ``secret.png`` sits next
+    to the root, outside it.
+    """
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(root / "ok.png")
+    (root / "broken.png").write_bytes(b"this is not a png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "secret.png")
+    annotation = tmp_path / "bad.jsonl"
+    annotation.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"bad": {"root": "images", "annotation": "bad.jsonl", "repeat_time": 1, **meta_extra}}))
+    return DataConfig(meta_path=str(meta)), annotation
+
+
+def _error(tmp_path: Path, bad_line) -> DataError:
+    """The error for ``bad_line`` placed as line 3, after a good line and a blank line."""
+    config, _ = _write(tmp_path, [GOOD, "", bad_line])
+    with pytest.raises(DataError) as caught:
+        load_records(config, seed=0)
+    return caught.value
+
+
+# ---------------------------------------------------------------- bad input, one line each
+
+
+@pytest.mark.parametrize(
+    "bad_line, field, reason",
+    [
+        ('{"image": "ok.png", "question": "q", "chosen": "a"', "<line>", "malformed JSON"),
+        ('["not", "an", "object"]', "<line>", "expected a JSON object"),
+        ({k: v for k, v in GOOD.items() if k != "chosen"}, "chosen", "missing or empty"),
+        ({k: v for k, v in GOOD.items() if k != "rejected"}, "rejected", "missing or empty"),
+        ({**GOOD, "chosen": "   "}, "chosen", "missing or empty"),
+        ({**GOOD, "image": ["ok.png", "ok.png"]}, "question", "has 1 <image> placeholder(s) but 2 image(s)"),
+        ({**GOOD, "question": "<image> vs <image>"}, "question", "has 2 <image> placeholder(s) but 1 image(s)"),
+        ({k: v for k, v in GOOD.items() if k != "image"}, "question", "has 1 <image> placeholder(s) but 0 image(s)"),
+        ({**GOOD, "image": "../secret.png"}, "image", "path '../secret.png' is outside the image root"),
+        ({**GOOD, "image": "/etc/hostname"}, "image", "path '/etc/hostname' is outside the image root"),
+        ({**GOOD, "image": "missing.png"}, "image", "file not found"),
+        ({**GOOD, "image": {"path": "ok.png"}}, "image", "expected a path or a list of paths"),
+        ({**GOOD, "video": "clips/none", "question": "<video>\nq", "image": []}, "video", "file not found"),
+    ],
+)
+def test_bad_record_gives_one_line_error_with_file_line_field(tmp_path, bad_line, field, reason):
+    """Line 3 (a blank line 2 still counts), in the resolved annotation path."""
+    error = _error(tmp_path, bad_line)
+    annotation = str((tmp_path / "bad.jsonl").resolve())
+    assert (error.file, error.line, error.field) == (annotation, 3, field)
+    assert str(error).startswith(f"{annotation}:3: {field}: {reason}")
+    assert "\n" not in str(error)
+
+
+def test_corrupt_image_is_reported_lazily(tmp_path, processor):
+    """A file that exists but does not decode passes the up-front checks; decoding it in
+    ``__getitem__`` returns (not raises) a DataError naming the file, line and field."""
+    config, annotation = _write(tmp_path, [GOOD, {**GOOD, "image": "broken.png"}])
+    dataset = PreferenceDataset(load_records(config, seed=0), processor, config)
+    assert len(dataset) == 2
+    error = dataset[1]
+    assert isinstance(error, DataError)
+    assert (error.file, error.line, error.field) == (str(annotation.resolve()), 2, "image")
+    assert str(error).startswith(f"{annotation.resolve()}:2: image: cannot decode image")
+    assert not isinstance(dataset[0], DataError)
+
+
+def test_skip_mode_collects_errors_and_keeps_good_records(tmp_path):
+    lines = [GOOD, "{oops", {**GOOD, "image": "../secret.png"}, {**GOOD, "rejected": ""}, {**GOOD, "image": "ok.png"}]
+    config, annotation = _write(tmp_path, lines)
+    skipped: list[DataError] = []
+    records = load_records(config, seed=0, skipped=skipped)
+    assert [r.source.rsplit(":", 1)[1] for r in records] == ["1", "5"]
+    assert [(e.line, e.field) for e in skipped] == [(2, "<line>"), (3, "image"), (4, "rejected")]
+    append_skipped(tmp_path / "run", skipped)
+    written = [json.loads(line) for line in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
+    assert [(w["file"], w["line"], w["field"]) for w in written] == [
+        (str(annotation.resolve()), 2, "<line>"), (str(annotation.resolve()), 3, "image"),
+        (str(annotation.resolve()), 4, "rejected")]
+    assert written[1]["error"].startswith("path '../secret.png' is outside the image root")
+
+
+def test_meta_json_errors(tmp_path):
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"a": {"root": ".", "annotation": "a.jsonl", "repeat_time": 0}}))
+    with pytest.raises(DataError, match=r"meta\.json: a\.repeat_time: must be a positive number, got 0"):
+        read_meta(meta)
+    meta.write_text(json.dumps({"a": {"annotation": "a.jsonl"}}))
+    with pytest.raises(DataError, match=r"meta\.json: a\.root: missing or not a string"):
+        read_meta(meta)
+    meta.write_text('{"a": {"root": ".",\n "annotation": }}')
+    with pytest.raises(DataError, match=r"meta\.json:2: invalid JSON"):
+        read_meta(meta)
+    with pytest.raises(DataError, match="annotation file not found"):
+        load_records(DataConfig(meta_path=str(_meta(tmp_path / "m2", {"x": {"root": ".", "annotation": "none.jsonl"}}))), 0)
+
+
+def _meta(directory: Path, spec: dict) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "meta.json").write_text(json.dumps(spec))
+    return directory / "meta.json"
+
+
+# ---------------------------------------------------------------- meta.json semantics
+
+
+def test_tiny_mmpr_paths_resolve_relative_to_meta_json(tiny_mmpr_dir):
+    """24 pairs; per-subset max_dynamic_patch (4 for shapes) overrides data.max_dynamic_patch."""
+    records = load_records(DataConfig(meta_path=str(tiny_mmpr_dir / "meta.json"), max_dynamic_patch=6), seed=0)
+    assert len(records) == 24
+    assert records[0].images == [str((tiny_mmpr_dir / "images" / "shapes_00.png").resolve())]
+    assert len(records[10].images) == 2 and records[16].images == [] and records[16].video is None
+    assert records[21].video == str((tiny_mmpr_dir / "videos" / "clip0").resolve())
+    assert [r.max_dynamic_patch for r in records[9:11]] == [4, 6]
+
+
+def _subset_meta(tmp_path: Path, tiny_mmpr_dir: Path, repeat_time: float) -> DataConfig:
+    """The 10-pair shapes subset of the tiny MMPR, with another repeat_time (absolute paths)."""
+    spec = {"shapes": {"root": str(tiny_mmpr_dir / "images"), "repeat_time": repeat_time,
+                       "annotation": str(tiny_mmpr_dir / "annotations" / "shapes_pairs_vqa_correctness_rules.jsonl")}}
+    return DataConfig(meta_path=str(_meta(tmp_path / f"r{repeat_time}", spec)))
+
+
+def _lines(records) -> list[int]:
+    return [int(r.source.rsplit(":", 1)[1]) for r in records]
+
+
+def test_fractional_repeat_time_samples_a_seeded_subset(tmp_path, tiny_mmpr_dir):
+    """0.5 of 10 lines -> exactly int(5.0) = 5, 0.25 -> int(2.5) = 2; distinct lines in file
+    order; the same seed gives the same lines, and the sample follows the seed."""
+    config = _subset_meta(tmp_path, tiny_mmpr_dir, 0.5)
+    first = _lines(load_records(config, seed=0))
+    assert len(first) == 5 and first == sorted(set(first))
+    assert set(first) <= set(range(1, 11))
+    assert _lines(load_records(config, seed=0)) == first
+    samples = {tuple(_lines(load_records(config, seed=s))) for s in range(6)}
+    assert len(samples) > 1
+    assert len(load_records(_subset_meta(tmp_path, tiny_mmpr_dir, 0.25), seed=0)) == 2
+
+
+def test_repeat_time_two_doubles(tmp_path, tiny_mmpr_dir):
+    """2 -> every line twice (20 records); 2.7 -> int(2.7) = 2 times as well."""
+    for repeat in (2, 2.7):
+        lines = _lines(load_records(_subset_meta(tmp_path, tiny_mmpr_dir, repeat), seed=0))
+        assert len(lines) == 20
+        assert sorted(lines) == sorted(list(range(1, 11)) * 2)
+
+
+def test_jsonl_mode_and_missing_placeholders(tmp_path):
+    """A plain JSONL with ``image_root``; a one-image question without ``<image>`` gets
+    ``<image>\\n`` prepended, a two-image one gets ``Image-1: <image>\\nImage-2: <image>\\n``."""
+    _write(tmp_path, [])
+    jsonl = tmp_path / "plain.jsonl"
+    jsonl.write_text(json.dumps({**GOOD, "question": "Count."}) + "\n"
+                     + json.dumps({**GOOD, "image": ["ok.png", "ok.png"], "question": "Compare."}) + "\n")
+    records = load_records(DataConfig(jsonl_path=str(jsonl), image_root=str(tmp_path / "images")), seed=0)
+    assert records[0].question == "<image>\nCount."
+    assert records[1].question == "Image-1: <image>\nImage-2: <image>\nCompare."
+    assert records[0].source == f"{jsonl}:1"
+
+
+# ---------------------------------------------------------------- encoding: tiles, video, length
+
+
+@pytest.fixture(scope="module")
+def tiny_records(tiny_mmpr_dir):
+    return load_records(DataConfig(meta_path=str(tiny_mmpr_dir / "meta.json")), seed=0)
+
+
+def _count(ids: list[int], processor, token: str) -> int:
+    return ids.count(processor.tokenizer.convert_tokens_to_ids(token))
+
+
+def test_tiles_and_image_tokens(tiny_records, processor):
+    """96x64 image with 4 tiles allowed: a 2x1 grid plus a thumbnail = 3 tiles; two 64x64 images:
+    1 tile each (no thumbnail for a single tile); text-only: none. Every tile is 16 image tokens,
+    and each image sits in one <img>...</img> run."""
+    dataset = PreferenceDataset(tiny_records, processor, DataConfig())
+    single, multi, text = dataset[0], dataset[10], dataset[16]
+    assert tuple(single.pixel_values.shape) == (3, 3, 64, 64)
+    assert tuple(multi.pixel_values.shape) == (2, 3, 64, 64)
+    assert text.pixel_values is None and text.num_tiles == 0
+    for pair, tiles, images in ((single, 3, 1), (multi, 2, 2), (text, 0, 0)):
+        assert _count(pair.prompt_ids, processor, "<IMG_CONTEXT>") == tiles * TOKENS_PER_TILE
+        assert _count(pair.prompt_ids, processor, "<img>") == images
+    end_of_turn = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert single.chosen_ids[-1] == end_of_turn and single.rejected_ids[-1] == end_of_turn
+    assert processor.tokenizer.decode(single.chosen_ids[:-1]) == tiny_records[0].chosen
+    assert processor.tokenizer.decode(single.prompt_ids).endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("frames", [4, 8])
+def test_video_record_has_video_frames_tiles(tiny_records, processor, frames):
+    """A clip of 8 frame PNGs sampled to ``video_frames`` frames, one tile each, each announced
+    as ``FrameK: <img>...</img>`` in the prompt."""
+    dataset = PreferenceDataset(tiny_records, processor, DataConfig(video_frames=frames))
+    pair = dataset[21]
+    assert tuple(pair.pixel_values.shape) == (frames, 3, 64, 64)
+    assert _count(pair.prompt_ids, processor, "<IMG_CONTEXT>") == frames * TOKENS_PER_TILE
+    prompt = processor.tokenizer.decode(pair.prompt_ids)
+    assert f"Frame{frames}: <img>" in prompt and f"Frame{frames + 1}:" not in prompt
+
+
+def test_video_frames_are_segment_midpoints(tiny_mmpr_dir):
+    """3 of 8 frames: the middles of 3 equal segments, int((i + 0.5) * 8 / 3) = 1, 4, 6."""
+    clip = tiny_mmpr_dir / "videos" / "clip0"
+    frames = load_video_frames(clip, 3)
+    expected = [np.asarray(Image.open(clip / f"frame_{i:02d}.png").convert("RGB")) for i in (1, 4, 6)]
+    np.testing.assert_array_equal(frames, np.stack(expected))
+
+
+@pytest.fixture(scope="module")
+def full_pair(tiny_records, processor):
+    """The first shapes pair with no length limit."""
+    return PreferenceDataset(tiny_records, processor, DataConfig(max_length=100_000))[0]
+
+
+def test_overlong_truncate_cuts_responses_only(tiny_records, processor, full_pair):
+    """max_length = prompt + 5: the prompt (all 3 * 16 image tokens included) is kept whole and
+    both responses keep their first 5 tokens."""
+    prompt_length = len(full_pair.prompt_ids)
+    assert min(len(full_pair.chosen_ids), len(full_pair.rejected_ids)) > 5
+    config = DataConfig(max_length=prompt_length + 5, overlong="truncate")
+    pair = PreferenceDataset(tiny_records, processor, config)[0]
+    assert pair.prompt_ids == full_pair.prompt_ids
+    assert _count(pair.prompt_ids, processor, "<IMG_CONTEXT>") == 3 * TOKENS_PER_TILE
+    assert pair.chosen_ids == full_pair.chosen_ids[:5]
+    assert pair.rejected_ids == full_pair.rejected_ids[:5]
+    assert pair.pixel_values.shape == full_pair.pixel_values.shape
+
+
+def test_overlong_truncate_leaves_a_fitting_response_alone(tiny_records, processor, full_pair):
+    """Budget = the shorter response's length: it stays whole, the longer one is cut to it."""
+    chosen, rejected = full_pair.chosen_ids, full_pair.rejected_ids
+    assert len(rejected) < len(chosen)  # 29 and 32 tokens
+    config = DataConfig(max_length=len(full_pair.prompt_ids) + len(rejected))
+    pair = PreferenceDataset(tiny_records, processor, config)[0]
+    assert pair.rejected_ids == rejected
+    assert pair.chosen_ids == chosen[: len(rejected)]
+
+
+def test_overlong_drop_returns_an_error(tiny_records, processor, full_pair):
+    longest = len(full_pair.prompt_ids) + max(len(full_pair.chosen_ids), len(full_pair.rejected_ids))
+    source = tiny_records[0].source.rsplit(":", 1)[0]
+    error = PreferenceDataset(tiny_records, processor, DataConfig(max_length=longest - 1, overlong="drop"))[0]
+    assert isinstance(error, DataError)
+    assert str(error) == f"{source}:1: chosen/rejected: pair is {longest} tokens > max_length {longest - 1}"
+    fits = PreferenceDataset(tiny_records, processor, DataConfig(max_length=longest, overlong="drop"))[0]
+    assert fits.chosen_ids == full_pair.chosen_ids and fits.rejected_ids == full_pair.rejected_ids
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "drop"])
+def test_prompt_longer_than_max_length_is_never_cut(tiny_records, processor, full_pair, overlong):
+    """A prompt that alone fills max_length is dropped in both modes: image tokens are never cut."""
+    prompt_length = len(full_pair.prompt_ids)
+    config = DataConfig(max_length=prompt_length, overlong=overlong)
+    error = PreferenceDataset(tiny_records, processor, config)[0]
+    assert isinstance(error, DataError) and error.field == "question" and error.line == 1
+    assert f"prompt alone is {prompt_length} tokens > max_length {prompt_length}" in str(error)
