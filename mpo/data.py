@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mpo.config import DataConfig
-from mpo.errors import DataError
+from mpo.errors import DataError, OverlongPair
 from mpo.inputs import IMAGE_PLACEHOLDER, encode_prompt, load_image, load_video_frames, normalize_question
 from mpo.types import EncodedPair, PreferenceRecord
 
@@ -175,7 +175,7 @@ class PreferenceDataset:
             return self.encode(record)
         except DataError as error:
             file, _, line = record.source.rpartition(":")
-            return DataError(error.reason, file=file, line=int(line) if line.isdigit() else None, field=error.field)
+            return type(error)(error.reason, file=file, line=int(line) if line.isdigit() else None, field=error.field)
 
     def encode(self, record: PreferenceRecord) -> EncodedPair:
         images = [load_image(p) for p in record.images]
@@ -187,13 +187,13 @@ class PreferenceDataset:
         rejected_ids = tokenizer(record.rejected, add_special_tokens=False)["input_ids"] + [self.end_of_turn]
         budget = self.config.max_length - len(prompt_ids)
         if budget < 1:
-            raise DataError(f"prompt alone is {len(prompt_ids)} tokens > max_length {self.config.max_length}", field="question")
-        if max(len(chosen_ids), len(rejected_ids)) > budget:
-            if self.config.overlong == "drop":
-                longest = len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))
-                raise DataError(f"pair is {longest} tokens > max_length {self.config.max_length}", field="chosen/rejected")
-            chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
-        return EncodedPair(prompt_ids, chosen_ids, rejected_ids, prompt.get("pixel_values"), record.source)
+            raise OverlongPair(f"prompt alone is {len(prompt_ids)} tokens > max_length {self.config.max_length}", field="question")
+        truncated = max(len(chosen_ids), len(rejected_ids)) > budget
+        if truncated and self.config.overlong == "drop":
+            longest = len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))
+            raise OverlongPair(f"pair is {longest} tokens > max_length {self.config.max_length}", field="chosen/rejected")
+        chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
+        return EncodedPair(prompt_ids, chosen_ids, rejected_ids, prompt.get("pixel_values"), record.source, truncated)
 
 
 def append_skipped(output_dir: str | Path, errors: list[DataError]) -> None:

@@ -17,5 +17,18 @@ class DataError(ValueError):
         prefix += f"{field}: " if field else ""
         super().__init__(prefix + message)
 
+    def __reduce__(self):
+        # Keeps file/line/field when the error crosses a DataLoader worker boundary.
+        return (_rebuild, (type(self), self.reason, self.file, self.line, self.field))
+
     def to_record(self) -> dict:
         return {"file": self.file, "line": self.line, "field": self.field, "error": self.reason}
+
+
+class OverlongPair(DataError):
+    """A pair longer than ``data.max_length`` that is dropped (not an input error: always skipped,
+    counted and listed, whatever ``data.on_bad_sample`` says)."""
+
+
+def _rebuild(cls, message, file, line, field):
+    return cls(message, file=file, line=line, field=field)

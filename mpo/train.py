@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
@@ -32,7 +33,7 @@ from mpo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from mpo.collate import build_collator
 from mpo.config import Recipe, load_recipe
 from mpo.data import PreferenceDataset, append_skipped, load_records
-from mpo.errors import DataError
+from mpo.errors import DataError, OverlongPair
 from mpo.forward import PreferenceForward
 from mpo.losses import MPOLoss, RewardShift
 from mpo.metrics import MetricsWriter, StepStats
@@ -45,13 +46,22 @@ from mpo.types import EncodedPair
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
     handlers = []
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if multi_process_cpu:
         # NCCL needs GPUs; on CPU, DDP and DeepSpeed run over gloo.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    # A GPU launch config (launch/ddp.yaml) on a machine without GPUs makes accelerate start every
+    # process as a lone trainer that never syncs; cpu=True makes it CPU data parallel instead. Not
+    # under DeepSpeed: there cpu=True would switch DeepSpeed off.
+    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     return Accelerator(
         mixed_precision=recipe.train.mixed_precision,
         gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
         kwargs_handlers=handlers,
+        cpu=multi_process_cpu and not use_deepspeed,
+        # The scheduler counts global optimizer steps (see train_step); accelerate's default would
+        # step it once per process, decaying the rate N times too fast under N processes.
+        step_scheduler_with_optimizer=False,
     )
 
 
@@ -70,27 +80,59 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optim
 
 
 class PairFetcher:
-    """Encodes pairs by index; a bad pair either stops the run or, in skip mode, is reported once
-    and replaced by the next good pair (so every process keeps the same micro-batch size)."""
+    """Turns a micro-batch of dataset items into usable pairs.
+
+    A bad pair (``DataError``) stops the run unless ``skip``; an over-long pair to drop
+    (``OverlongPair``) is always skipped. A skipped pair is reported once (``skipped.jsonl`` and the
+    console) and replaced by the next good pair, so every process keeps the same micro-batch size
+    and no collective operation waits on a process with less work.
+    """
 
     def __init__(self, dataset: PreferenceDataset, skip: bool, output_dir: str):
         self.dataset, self.skip, self.output_dir = dataset, skip, output_dir
         self.reported: set[str] = set()
         self.skipped_count = 0
+        self.truncated_count = 0
 
-    def __call__(self, index: int) -> EncodedPair:
-        for offset in range(len(self.dataset)):
-            item = self.dataset[(index + offset) % len(self.dataset)]
+    def resolve(self, items: list[EncodedPair | DataError], indices: list[int]) -> list[EncodedPair]:
+        return [self._usable(item, index) for item, index in zip(items, indices)]
+
+    def _usable(self, item: EncodedPair | DataError, index: int) -> EncodedPair:
+        for offset in range(1, len(self.dataset) + 1):
             if isinstance(item, EncodedPair):
+                self.truncated_count += item.truncated
                 return item
-            if not self.skip:
+            if not (self.skip or isinstance(item, OverlongPair)):
                 raise item
-            if str(item) not in self.reported:
-                self.reported.add(str(item))
-                self.skipped_count += 1
-                append_skipped(self.output_dir, [item])
-                tqdm.write(f"skipped {item}")
+            self._report(item)
+            item = self.dataset[(index + offset) % len(self.dataset)]
         raise DataError("every pair of the dataset is unusable")
+
+    def _report(self, error: DataError) -> None:
+        if str(error) in self.reported:
+            return
+        self.reported.add(str(error))
+        self.skipped_count += 1
+        append_skipped(self.output_dir, [error])
+        tqdm.write(f"skipped {error}")
+
+
+class MicroBatchIndices:
+    """The DataLoader batch sampler: this process's micro-batches from ``start`` to ``stop``."""
+
+    def __init__(self, order: GlobalBatchOrder, start: int, stop: int, rank: int):
+        self.order, self.start, self.stop, self.rank = order, start, stop, rank
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield from self.order.micro_batches(step, self.rank)
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.order.accumulation_steps
+
+
+def _as_list(items: list) -> list:
+    return items
 
 
 class MPOTrainer:
@@ -148,8 +190,12 @@ class MPOTrainer:
             num_training_steps=self.total_steps,
         )
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            # No dataloader goes through prepare(), so DeepSpeed is told the micro-batch size here.
-            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = train.micro_batch_size
+            from mpo.distributed import configure_deepspeed
+
+            # No dataloader goes through prepare(): DeepSpeed learns batch, accumulation and clipping here.
+            configure_deepspeed(
+                accelerator, train.micro_batch_size, train.gradient_accumulation_steps, train.max_grad_norm, policy_model
+            )
         self.policy, self.optimizer, self.scheduler = accelerator.prepare(policy, optimizer, scheduler)
         self.reference = self._build_reference()
 
@@ -190,15 +236,33 @@ class MPOTrainer:
         if self.accelerator.is_main_process:
             tqdm.write(message)
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step over this process's micro-batches; returns the reduced metrics."""
+    def micro_batch_loader(self) -> DataLoader:
+        """Pairs for the remaining steps, encoded (images decoded and tiled) in ``data.num_workers``
+        background workers so the accelerator does not wait on JPEG decoding."""
+        sampler = MicroBatchIndices(self.order, self.step, self.total_steps, self.accelerator.process_index)
+        workers = self.recipe.data.num_workers
+        return DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            collate_fn=_as_list,
+            num_workers=workers,
+            prefetch_factor=2 if workers else None,
+        )
+
+    def train_step(self, micro_batches) -> dict[str, float]:
+        """One optimizer step over this process's micro-batches; returns the reduced metrics.
+
+        Args:
+            micro_batches: an iterator yielding ``(indices, items)`` for each micro-batch.
+        """
         accelerator = self.accelerator
         stats = StepStats()
         delta = self.reward_shift.value
         lr = self.scheduler.get_last_lr()[0]  # the rate this step trains with
         grad_norm = None
-        for indices in self.order.micro_batches(self.step, accelerator.process_index):
-            batch = self.collate([self.fetch(i) for i in indices]).to(accelerator.device)
+        for _ in range(self.order.accumulation_steps):
+            indices, items = next(micro_batches)
+            batch = self.collate(self.fetch.resolve(items, indices)).to(accelerator.device)
             with accelerator.accumulate(self.policy):
                 policy_out = self.policy(batch)
                 reference_logps = None
@@ -209,7 +273,8 @@ class MPOTrainer:
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(self.policy.parameters(), self.recipe.train.max_grad_norm)
                 self.optimizer.step()
-                self.scheduler.step()
+                if accelerator.sync_gradients:
+                    self.scheduler.step()
                 self.optimizer.zero_grad()
             if output.chosen_rewards is not None:
                 self.reward_shift.accumulate(output.chosen_rewards, output.rejected_rewards)
@@ -242,9 +307,11 @@ class MPOTrainer:
             self._print(f"note: {self.order.dropped_per_epoch} pair(s) per epoch do not fill a global batch and are left out")
         self.policy.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="mpo", disable=not accelerator.is_main_process, dynamic_ncols=True)
+        loader = self.micro_batch_loader()
+        micro_batches = zip(loader.batch_sampler, loader)
         while self.step < self.total_steps:
             started = time.perf_counter()
-            metrics = self.train_step()
+            metrics = self.train_step(micro_batches)
             elapsed = time.perf_counter() - started
             self.step += 1
             metrics["tokens_per_s"] = metrics.pop("tokens") / elapsed
@@ -260,7 +327,9 @@ class MPOTrainer:
         save_checkpoint(accelerator, recipe.output_dir, self.step, self.trainer_state(), recipe.train.keep_last)
         final = save_final_model(accelerator, self.policy, self.processor, recipe)
         if self.fetch.skipped_count:
-            self._print(f"skipped {self.fetch.skipped_count} bad sample(s); see {Path(recipe.output_dir) / 'skipped.jsonl'}")
+            self._print(f"skipped {self.fetch.skipped_count} pair(s); see {Path(recipe.output_dir) / 'skipped.jsonl'}")
+        if self.fetch.truncated_count:
+            self._print(f"truncated the responses of {self.fetch.truncated_count} pair(s) to data.max_length")
         self._print(f"final model saved to {final}")
         if self.metrics is not None:
             self.metrics.close()

@@ -41,6 +41,7 @@ class EncodedPair:
         rejected_ids: rejected response tokens followed by the end-of-turn token.
         pixel_values: ``[tiles, 3, H, W]`` for every image of the prompt in order, or ``None``.
         source: where the record came from (``file:line``).
+        truncated: the responses were cut to fit ``data.max_length``.
     """
 
     prompt_ids: list[int]
@@ -48,6 +49,7 @@ class EncodedPair:
     rejected_ids: list[int]
     pixel_values: torch.Tensor | None
     source: str = ""
+    truncated: bool = False
 
     @property
     def num_tiles(self) -> int:
