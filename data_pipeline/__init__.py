@@ -1,0 +1,11 @@
+"""Builds MMPR-style preference data for MPO: sample, match, pair, Dropout-NTP.
+
+Stages (each a subcommand of ``mpo-data``, ``build`` runs them all):
+
+    sample       K chain-of-thought responses per question       (generation; sharded, resumable)
+    match        extract each final answer and judge it           (CPU; whole file, atomic)
+    dropout-ntp  continue half a response without the image       (generation; sharded, resumable)
+    pair         correctness, format and Dropout-NTP pairs + meta (CPU; whole file, atomic)
+
+The output is the MMPR layout (``annotations/*.jsonl`` plus ``meta.json``) the trainer reads.
+"""

@@ -1,0 +1,194 @@
+"""``mpo-data``: build MMPR preference data (or ``python -m data_pipeline``).
+
+    mpo-data build --input questions.jsonl --image-root images/ --out-dir mmpr/ --model ckpt/
+    mpo-data sample --input questions.jsonl --out samples.jsonl --model ckpt/ [--shard 0/4]
+    mpo-data match --samples samples*.jsonl --out matched.jsonl
+    mpo-data dropout-ntp --samples samples.jsonl --out ntp.jsonl --model ckpt/
+    mpo-data pair --matched matched.jsonl --ntp ntp.jsonl --image-root images/ --out-dir mmpr/
+    mpo-data serve --model ckpt/ --port 8000
+
+Errors in the input (missing or corrupt image, malformed line, missing field) print one line
+naming the file, line and field, and exit with status 2; ``--skip-bad`` counts and lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+
+from mpo.errors import DataError
+
+from data_pipeline.backends import BackendError
+from data_pipeline.records import ResumeError
+from data_pipeline.sharding import ShardSpec
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error.msg}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def _shard(text: str) -> ShardSpec:
+    try:
+        return ShardSpec.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError("must be between 0 and 1 (exclusive)")
+    return value
+
+
+def add_input_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("input")
+    g.add_argument("--input", required=True, help='JSONL: {"image" | "images", "question", "answer", optional "id", "dataset"}')
+    g.add_argument("--image-root", help="directory image paths are relative to (default: the input file's directory)")
+    g.add_argument("--name", help="dataset name for lines without a 'dataset' field (default: the input file's stem)")
+    g.add_argument("--skip-bad", action="store_true", help="skip and count bad input lines instead of stopping")
+
+
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("prompt")
+    g.add_argument("--prompt", default="v1", choices=["v1", "v2", "custom"],
+                   help='v1: "Final answer: .."; v2: "Answer: \\boxed{}"; custom: --template')
+    g.add_argument("--template", help="custom CoT template containing {question}")
+    g.add_argument("--answer-format", choices=["final_answer", "boxed"], help="what a custom template asks for")
+
+
+def add_generation_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=temperature)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    g.add_argument("--max-new-tokens", type=int, default=1024)
+    g.add_argument("--max-tiles", type=int, default=6, help="InternVL max_dynamic_patch (12 for charts/documents)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=4, help="questions per generate call (openai: per concurrent wave)")
+    g.add_argument("--shard", type=_shard, default=ShardSpec(), help="i/N: this worker's share (0-based i)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b = p.add_argument_group("backend")
+    b.add_argument("--backend", choices=["transformers", "openai"], default="transformers")
+    b.add_argument("--model", help="checkpoint directory (transformers backend)")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    b.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float16, ...")
+    b.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    b.add_argument("--served-model", help="model name on the server (default: the first one it lists)")
+    b.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    b.add_argument("--concurrency", type=int, default=8)
+    b.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    b.add_argument("--retries", type=int, default=3)
+    b.add_argument("--samples-per-request", type=int, default=0,
+                   help="split K samples into requests of this many (1 for servers without n); 0: one request")
+    b.add_argument("--extra-body", type=_json_object, default={},
+                   help='JSON merged into every request, e.g. \'{"mm_processor_kwargs": {"max_dynamic_patch": 12}}\'')
+
+
+def add_match_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("match")
+    g.add_argument("--mode", default="auto",
+                   help="auto (by dataset name) or a comma list of: exact,option,numeric,math,vqa,relaxed,anls")
+    g.add_argument("--threshold", type=float, default=0.9, help="correct when the best score is above this")
+
+
+def add_pair_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pairs")
+    g.add_argument("--max-pairs", type=int, default=15, help="pairs per question and subset")
+    g.add_argument("--answer-fix", action="store_true", help="rewrite the chosen final answer to the ground truth")
+
+
+def add_ntp_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    g = p.add_argument_group("dropout-ntp")
+    g.add_argument(f"--{prefix}ratio", dest="ntp_ratio", type=_ratio, default=0.5, help="share of the chosen words kept")
+    g.add_argument(f"--{prefix}pairs-per-question", dest="ntp_pairs_per_question", type=int, default=1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpo-data", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for unexpected errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample", help="sample K CoT responses per question (resumable, shardable)")
+    add_input_args(p)
+    add_prompt_args(p)
+    add_generation_args(p, temperature=1.0)
+    p.add_argument("--num-samples", type=int, default=8, help="responses per question (K)")
+    p.add_argument("--out", required=True, help="sample log (JSONL); rerun to resume")
+
+    p = sub.add_parser("match", help="extract and judge each response")
+    p.add_argument("--samples", nargs="+", required=True, help="sample logs (all shards)")
+    p.add_argument("--out", required=True)
+    add_match_args(p)
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("dropout-ntp", help="continue half of a response without the image (resumable)")
+    p.add_argument("--samples", nargs="+", required=True, help="sample logs (questions without an answer are used)")
+    p.add_argument("--out", required=True, help="continuation log (JSONL); rerun to resume")
+    add_ntp_args(p)
+    add_generation_args(p, temperature=1.0)
+
+    p = sub.add_parser("pair", help="build pairs and write the MMPR annotations and meta.json")
+    p.add_argument("--matched", required=True, help="output of match")
+    p.add_argument("--ntp", nargs="*", default=[], help="continuation logs of dropout-ntp")
+    p.add_argument("--image-root", required=True, help="written to meta.json as the subsets' root")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ntp-ratio", type=_ratio, default=0.5, help="the ratio dropout-ntp used (names the subset)")
+    add_pair_args(p)
+
+    p = sub.add_parser("build", help="sample, match, dropout-ntp and pair in one resumable run")
+    add_input_args(p)
+    add_prompt_args(p)
+    add_generation_args(p, temperature=1.0)
+    p.add_argument("--num-samples", type=int, default=8, help="responses per question (K)")
+    p.add_argument("--out-dir", required=True)
+    add_match_args(p)
+    add_pair_args(p)
+    add_ntp_args(p, prefix="ntp-")
+
+    p = sub.add_parser("serve", help="OpenAI-compatible chat-completions server over a checkpoint")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on start)")
+    p.add_argument("--served-model-name", help="name in /v1/models (default: the directory name)")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="default max_tokens")
+    p.add_argument("--max-tiles", type=int, default=6, help="default max_dynamic_patch")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--verbose", action="store_true", help="log each request")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from data_pipeline import commands
+
+    try:
+        return commands.run(args)
+    except (DataError, ResumeError, BackendError, ValueError) as error:
+        print(f"mpo-data: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mpo-data: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - one line for users, the traceback on request
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"mpo-data: unexpected error: {type(error).__name__}: {error} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

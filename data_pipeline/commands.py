@@ -1,0 +1,200 @@
+"""The body of each ``mpo-data`` subcommand: flags in, stage functions called, a report out."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from data_pipeline.backends import SamplingParams
+from data_pipeline.build import BuildPaths, PairSettings, assemble, run_build
+from data_pipeline.dropout_ntp import NTPSettings, continue_without_image
+from data_pipeline.judging import match_records, merge_sample_logs, tally
+from data_pipeline.match import parse_modes
+from data_pipeline.prompts import get_template
+from data_pipeline.records import iter_jsonl, read_log, read_questions, write_jsonl_atomic
+from data_pipeline.sample import SampleSettings, sample_questions
+
+
+class LazyBackend:
+    """Loads the model (or contacts the server) on the first generation, not before.
+
+    A resumed run whose logs are already complete, or a shard finisher, then never pays for
+    loading a multi-gigabyte checkpoint. ``describe()`` comes from the flags alone.
+    """
+
+    def __init__(self, args: argparse.Namespace):
+        # Checked now, so a missing flag fails before any work rather than at the first batch.
+        if args.backend == "transformers" and not args.model:
+            raise ValueError("--model (a checkpoint directory) is required with --backend transformers")
+        if args.backend == "openai" and not args.base_url:
+            raise ValueError("--base-url is required with --backend openai")
+        self.args = args
+        self._backend = None
+
+    def describe(self) -> dict:
+        if self.args.backend == "transformers":
+            return {"backend": "transformers", "model": self.args.model}
+        return {"backend": "openai", "model": self.args.served_model or self.args.base_url,
+                "extra_body": self.args.extra_body, "samples_per_request": self.args.samples_per_request}
+
+    def generate(self, requests, params):
+        if self._backend is None:
+            self._backend = make_backend(self.args)
+        return self._backend.generate(requests, params)
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+
+
+def make_backend(args: argparse.Namespace):
+    from data_pipeline.backends import OpenAIBackend, TransformersBackend
+
+    if args.backend == "transformers":
+        return TransformersBackend(args.model, device=args.device, dtype=args.dtype)
+    return OpenAIBackend(args.base_url, model=args.served_model, api_key=os.environ.get(args.api_key_env),
+                         concurrency=args.concurrency, timeout=args.timeout, retries=args.retries,
+                         samples_per_request=args.samples_per_request, extra_body=args.extra_body)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    if args.max_new_tokens < 1 or args.max_tiles < 1 or args.batch_size < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError("need --max-new-tokens, --max-tiles, --batch-size >= 1, --temperature >= 0, 0 < --top-p <= 1")
+    return SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens, args.max_tiles)
+
+
+def _sample_settings(args: argparse.Namespace) -> SampleSettings:
+    if args.num_samples < 1:
+        raise ValueError("--num-samples must be at least 1")
+    template = get_template(args.prompt, args.template, args.answer_format)
+    return SampleSettings(template, args.num_samples, _sampling(args), args.seed, args.batch_size)
+
+
+def _ntp_settings(args: argparse.Namespace) -> NTPSettings:
+    return NTPSettings(args.ntp_ratio, args.ntp_pairs_per_question, _sampling(args), args.seed, args.batch_size)
+
+
+def _questions(args: argparse.Namespace):
+    source = Path(args.input)
+    name = args.name or source.stem
+    image_root = Path(args.image_root) if args.image_root else source.parent
+    questions, bad_lines = read_questions(source, name, args.skip_bad)
+    for error in bad_lines:
+        _log(f"skipped: {error}")
+    return questions, bad_lines, image_root, name
+
+
+def _read_logs(paths: list[str]) -> list[tuple[str, list[dict]]]:
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise ValueError(f"no such file: {missing[0]}")
+    return [(p, read_log(p)) for p in paths]
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    questions, bad_lines, image_root, _ = _questions(args)
+    backend = LazyBackend(args)
+    try:
+        stats, bad = sample_questions(questions, image_root, backend, _sample_settings(args), args.out, args.shard,
+                                      args.skip_bad, not args.no_progress)
+    finally:
+        backend.close()
+    _log(f"sample: {stats.items} questions in shard {args.shard.tag}: {stats.already_done} were done, "
+         f"{stats.written} written now; {len(bad_lines) + len(bad)} bad inputs skipped -> {args.out}")
+    return 0
+
+
+def cmd_match(args: argparse.Namespace) -> int:
+    records = merge_sample_logs(_read_logs(args.samples))
+    matched, stats = match_records(records, parse_modes(args.mode), args.threshold, not args.no_progress)
+    write_jsonl_atomic(args.out, matched)
+    for name, s in sorted(stats.items()):
+        accuracy = "-" if s.accuracy is None else f"{100 * s.accuracy:.1f}%"
+        _log(f"match: {name}: {s.questions} questions, {s.samples} samples, {s.parse_failures} unparsable, "
+             f"{s.correct} correct, accuracy {accuracy}")
+    _log(f"match: wrote {len(matched)} records -> {args.out}")
+    return 0
+
+
+def cmd_dropout_ntp(args: argparse.Namespace) -> int:
+    records = merge_sample_logs(_read_logs(args.samples))
+    backend = LazyBackend(args)
+    try:
+        stats = continue_without_image(records, backend, _ntp_settings(args), args.out, args.shard, not args.no_progress)
+    finally:
+        backend.close()
+    _log(f"dropout-ntp: {stats.items} questions without an answer in shard {args.shard.tag}: "
+         f"{stats.already_done} were done, {stats.written} written now -> {args.out}")
+    return 0
+
+
+def cmd_pair(args: argparse.Namespace) -> int:
+    matched = [record for _, record in iter_jsonl(args.matched)]
+    ntp_records = [r for _, records in _read_logs(args.ntp) for r in records]
+    stats = tally(matched)
+    out_dir = Path(args.out_dir)
+    summary = assemble(matched, ntp_records, stats, out_dir, Path(args.image_root), out_dir / "work" / Path(args.matched).stem,
+                       PairSettings(args.max_pairs, args.seed, args.answer_fix), args.ntp_ratio)
+    print(summary.render())
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    questions, bad_lines, image_root, name = _questions(args)
+    paths = BuildPaths.of(args.out_dir, name)
+    backend = LazyBackend(args)
+    try:
+        summary = run_build(
+            questions, bad_lines, image_root, paths, backend, _sample_settings(args), _ntp_settings(args),
+            PairSettings(args.max_pairs, args.seed, args.answer_fix), parse_modes(args.mode), args.threshold,
+            args.shard, args.skip_bad, not args.no_progress,
+        )
+    finally:
+        backend.close()
+    if summary is None:
+        _log(f"build: shard {args.shard.tag} is done; other shards still have work. The last shard to finish "
+             f"writes {paths.out_dir}/meta.json (or rerun this command without --shard once they are all done).")
+        return 0
+    print(summary.render())
+    print(f"wrote {paths.out_dir / 'meta.json'}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from data_pipeline.backends import TransformersBackend
+    from data_pipeline.server import ChatServer
+
+    backend = TransformersBackend(args.model, device=args.device, dtype=args.dtype)
+    name = args.served_model_name or Path(args.model).resolve().name
+    server = ChatServer(backend, name, args.host, args.port, args.max_new_tokens, args.max_tiles, args.verbose)
+    host, port = server.server_address[:2]
+    # Tests and scripts read this line to learn the port chosen for --port 0.
+    print(f"serving {name} on http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+COMMANDS = {
+    "sample": cmd_sample,
+    "match": cmd_match,
+    "dropout-ntp": cmd_dropout_ntp,
+    "pair": cmd_pair,
+    "build": cmd_build,
+    "serve": cmd_serve,
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    return COMMANDS[args.command](args)
+

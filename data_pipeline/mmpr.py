@@ -1,0 +1,79 @@
+"""The MMPR layout the trainer reads: ``annotations/<subset>.jsonl`` and ``meta.json``.
+
+``meta.json`` maps each subset name to ``{"root": image dir, "annotation": jsonl path,
+"repeat_time": 1.0, "length": lines}`` (paths absolute, so the trainer can run from anywhere).
+Several builds may write into one output directory (one per input file, or per shard finisher):
+each updates only its own entries, under a lock, and every file is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from mpo.errors import DataError
+
+from data_pipeline.pairs import Pair, deduplicate
+from data_pipeline.records import FileLock, write_json_atomic, write_jsonl_atomic
+
+
+def write_subset(out_dir: str | os.PathLike, name: str, pairs: Sequence[Pair]) -> tuple[Path | None, int, int]:
+    """Writes ``annotations/<name>.jsonl`` (input order, duplicates dropped).
+
+    Returns the path (None when there are no pairs: a stale file is removed, since an empty
+    subset in meta.json would be an empty dataset for the trainer), the line count and the
+    number of duplicates dropped.
+    """
+    path = Path(out_dir) / "annotations" / f"{name}.jsonl"
+    kept, dropped = deduplicate(sorted(pairs, key=lambda p: p.line))  # sorted() is stable
+    if not kept:
+        path.unlink(missing_ok=True)
+        return None, 0, dropped
+    count = write_jsonl_atomic(path, (pair.to_mmpr() for pair in kept))
+    return path, count, dropped
+
+
+def update_meta(out_dir: str | os.PathLike, entries: dict[str, dict | None]) -> dict:
+    """Sets (or, for None, removes) subset entries in ``meta.json``; returns the whole mapping."""
+    out_dir = Path(out_dir)
+    meta_path = out_dir / "meta.json"
+    with FileLock(out_dir / ".meta.json.lock"):
+        meta = {}
+        if meta_path.exists():
+            try:
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as error:
+                raise DataError(f"not valid JSON ({error.msg}); fix or delete it", file=str(meta_path), line=error.lineno) from None
+        for name, entry in entries.items():
+            if entry is None:
+                meta.pop(name, None)
+            else:
+                meta[name] = entry
+        write_json_atomic(meta_path, dict(sorted(meta.items())))
+    return meta
+
+
+def meta_entry(image_root: str | os.PathLike, annotation: Path, length: int) -> dict:
+    return {"root": os.path.abspath(image_root), "annotation": os.path.abspath(annotation), "repeat_time": 1.0, "length": length}
+
+
+def write_mmpr(out_dir: str | os.PathLike, image_root: str | os.PathLike, subsets: dict[str, Sequence[Pair]]) -> dict[str, dict]:
+    """Writes every subset and its meta entry; returns ``{name: {"pairs", "duplicates", "path"}}``."""
+    entries: dict[str, dict | None] = {}
+    report = {}
+    for name, pairs in subsets.items():
+        path, count, dropped = write_subset(out_dir, name, pairs)
+        entries[name] = meta_entry(image_root, path, count) if path else None
+        report[name] = {"pairs": count, "duplicates": dropped, "path": str(path) if path else None}
+    update_meta(out_dir, entries)
+    return report
+
+
+def group_by_dataset(pairs: Sequence[Pair], suffix: str) -> dict[str, list[Pair]]:
+    """``{"<dataset><suffix>": pairs}``: one MMPR subset per source dataset and kind."""
+    grouped: dict[str, list[Pair]] = {}
+    for pair in pairs:
+        grouped.setdefault(pair.dataset + suffix, []).append(pair)
+    return grouped

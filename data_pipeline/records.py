@@ -1,0 +1,264 @@
+"""JSONL in and out: line-numbered reading, atomic writes, and the durable append log of a stage.
+
+Every error about input names the file, the 1-based line and the field (:class:`mpo.errors.DataError`),
+so the CLI can print one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mpo.errors import DataError
+
+
+class ResumeError(RuntimeError):
+    """An existing output cannot be continued (other settings, or another process writes it)."""
+
+
+@dataclass(frozen=True)
+class Question:
+    """One input line: a question about zero or more images, with or without a checkable answer.
+
+    ``answer`` is ``None`` for questions that only Dropout-NTP can use; a list means several
+    acceptable answers (any of them counts).
+    """
+
+    id: str
+    dataset: str
+    images: tuple[str, ...]  # relative to the image root, as written in the input
+    question: str
+    answer: str | list[str] | None
+    line: int  # 1-based line in ``file``; messages and ordering use it
+    file: str
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """Yields ``(line_number, value)`` for each non-blank line; a malformed line raises DataError."""
+    with open(path, encoding="utf-8") as handle:
+        for number, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                yield number, json.loads(text)
+            except json.JSONDecodeError as error:
+                raise DataError(f"malformed JSON ({error.msg} at column {error.colno})", file=str(path), line=number) from None
+
+
+def _parse_question(value: Any, *, path: str, line: int, default_dataset: str) -> Question:
+    def fail(field: str, message: str) -> DataError:
+        return DataError(message, file=path, line=line, field=field)
+
+    if not isinstance(value, dict):
+        raise fail("line", f"expected a JSON object, got {type(value).__name__}")
+    if "image" in value and "images" in value:
+        raise fail("image", "give either 'image' or 'images', not both")
+    raw_images = value.get("image", value.get("images"))
+    if raw_images is None or raw_images == "":
+        images: tuple[str, ...] = ()
+    elif isinstance(raw_images, str):
+        images = (raw_images,)
+    elif isinstance(raw_images, list) and raw_images and all(isinstance(x, str) and x for x in raw_images):
+        images = tuple(raw_images)
+    else:
+        raise fail("image", "must be a path string or a non-empty list of path strings")
+    question = value.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise fail("question", "missing or not a non-empty string")
+    answer = value.get("answer")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)  # a bare JSON number is a common way to write a numeric answer
+    if isinstance(answer, str) and not answer.strip():
+        answer = None  # an empty answer cannot be checked: the question goes to Dropout-NTP
+    if isinstance(answer, list):
+        answer = [str(x) for x in answer if isinstance(x, (str, int, float)) and str(x).strip()]
+        if not answer:
+            answer = None
+    elif answer is not None and not isinstance(answer, str):
+        raise fail("answer", f"must be a string, a number or a list of them, got {type(answer).__name__}")
+    qid = value.get("id", str(line))
+    if not isinstance(qid, (str, int)) or isinstance(qid, bool) or str(qid) == "":
+        raise fail("id", "must be a non-empty string or an integer")
+    dataset = value.get("dataset", default_dataset)
+    if not isinstance(dataset, str) or not dataset or "/" in dataset:
+        raise fail("dataset", "must be a non-empty name without '/'")
+    return Question(str(qid), dataset, images, question, answer, line, path)
+
+
+def read_questions(path: str | os.PathLike, default_dataset: str, skip_bad: bool) -> tuple[list[Question], list[DataError]]:
+    """Reads the input JSONL. A bad line raises, or with ``skip_bad`` is returned in the second list.
+
+    Lines without ``id`` are keyed by their line number, so sharding and resuming stay stable
+    as long as the file does not change.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise DataError("input file not found", file=path)
+    questions: list[Question] = []
+    bad: list[DataError] = []
+    seen: dict[str, int] = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"malformed JSON ({error.msg} at column {error.colno})", file=path, line=number, field="line") from None
+                question = _parse_question(value, path=path, line=number, default_dataset=default_dataset)
+                if question.id in seen:
+                    raise DataError(f"duplicate id {question.id!r} (first on line {seen[question.id]})", file=path, line=number, field="id")
+            except DataError as error:
+                if not skip_bad:
+                    raise
+                bad.append(error)
+                continue
+            seen[question.id] = number
+            questions.append(question)
+    return questions, bad
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename is durable only once the directory entry is; not every filesystem allows it.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes via a temporary file in the same directory and ``os.replace``: readers see old or new."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def dumps_line(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> int:
+    """Writes records atomically; returns the number of lines."""
+    lines = [dumps_line(record) for record in records]
+    write_text_atomic(path, "".join(lines))
+    return len(lines)
+
+
+def write_json_atomic(path: str | os.PathLike, value: Any) -> None:
+    write_text_atomic(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+class AppendLog:
+    """The durable output of a generation stage: one JSON line per finished question.
+
+    A run appends each finished batch as whole lines, then flushes and fsyncs, so a kill loses at
+    most the batch in flight. On open, a torn last line (no newline: the kill hit mid-write) is cut
+    off; every complete line is a finished question, and the stage skips those ids when it
+    restarts. A lock file stops two processes from appending to the same log.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._handle = None
+        self._lock = None
+
+    def __enter__(self) -> AppendLog:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.path.with_name(self.path.name + ".lock"), "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise ResumeError(f"{self.path} is being written by another process (lock held)") from None
+        self._drop_torn_tail()
+        self._handle = open(self.path, "a", encoding="utf-8")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+
+    def _drop_torn_tail(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, "rb+") as handle:
+            data = handle.read()
+            if data and not data.endswith(b"\n"):
+                handle.truncate(data.rfind(b"\n") + 1)
+                handle.flush()
+                os.fsync(handle.fileno())
+
+    def read(self) -> list[dict]:
+        """The complete lines written so far (call inside ``with``, after the torn tail is cut)."""
+        return read_log(self.path)
+
+    def append(self, records: list[dict]) -> None:
+        if not records:
+            return
+        self._handle.write("".join(dumps_line(record) for record in records))
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """Reads an append log, ignoring a torn last line (a run killed mid-write left it)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    records = []
+    for number, text in enumerate(complete.decode("utf-8").splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            records.append(json.loads(text))
+        except json.JSONDecodeError as error:
+            raise DataError(f"corrupt log line ({error.msg}); delete the file to start this stage over", file=str(path), line=number) from None
+    return records
+
+
+class FileLock:
+    """An exclusive advisory lock (``flock``) around a read-modify-write of a shared file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._handle = None
+
+    def __enter__(self) -> FileLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.path, "w")
+        fcntl.flock(self._handle, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        fcntl.flock(self._handle, fcntl.LOCK_UN)
+        self._handle.close()
