@@ -255,7 +255,7 @@ def _validate(recipe: Recipe, source: str) -> None:
         raise DataError("model.name_or_path is required", file=source)
     for name in ("micro_batch_size", "gradient_accumulation_steps"):
         if getattr(train, name) < 1:
-            raise DataError(f"must be at least 1", file=source, field=f"train.{name}")
+            raise DataError("must be at least 1", file=source, field=f"train.{name}")
     if train.max_steps < 0 or train.num_epochs <= 0 and train.max_steps == 0:
         raise DataError("set train.max_steps > 0 or train.num_epochs > 0", file=source)
     if min(recipe.loss.dpo_weight, recipe.loss.bco_weight, recipe.loss.sft_weight) < 0:

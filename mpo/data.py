@@ -88,7 +88,7 @@ def parse_record(raw: str, root: Path, source: str, line: int, max_dynamic_patch
     for key in ("question", "chosen", "rejected"):
         if not isinstance(item.get(key), str) or (key != "question" and not item[key].strip()):
             raise DataError("missing or empty", file=source, line=line, field=key)
-    images = item.get("image", [])
+    images = item.get("image") or []  # absent, null or "" all mean a text-only record
     images = [images] if isinstance(images, str) else images
     if not isinstance(images, list):
         raise DataError("expected a path or a list of paths", file=source, line=line, field="image")

@@ -102,7 +102,7 @@ def load_policy(config: ModelConfig) -> nn.Module:
         model = add_lora(model, config.lora)
     if config.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen embeddings and with peft.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model
 
@@ -116,7 +116,12 @@ def load_reference(config: ModelConfig) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """(trainable, total) parameter counts (full sizes, also for ZeRO-3 partitioned weights)."""
+
+    def numel(parameter: torch.Tensor) -> int:
+        # Under ZeRO-3 a partitioned parameter is an empty placeholder; ds_numel is its real size.
+        return parameter.ds_numel if hasattr(parameter, "ds_numel") else parameter.numel()
+
+    total = sum(numel(p) for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     return trainable, total

@@ -267,7 +267,10 @@ class MPOTrainer:
                 policy_out = self.policy(batch)
                 reference_logps = None
                 if self.reference is not None:
-                    reference_logps = self.reference(batch, policy_out.image_features)
+                    # The same autocast as the policy's forward, so that at step 1 (policy ==
+                    # reference) every reward is exactly 0 in bf16 too.
+                    with accelerator.autocast():
+                        reference_logps = self.reference(batch, policy_out.image_features)
                 output = self.loss_fn(policy_out.logps, reference_logps, delta)
                 accelerator.backward(output.loss)
                 if accelerator.sync_gradients:

@@ -204,3 +204,19 @@ def test_wandb_offline_run_logs_config_and_metrics(tiny_model_dir, tiny_mmpr_dir
     data = store.read_bytes()
     for key in (b"dpo_weight", b"micro_batch_size", b"loss/bco", b"bco/delta", b"rewards/margins"):
         assert key in data, key
+
+
+def test_gradient_checkpointing_and_bf16_autocast_train_the_same_objective(tiny_model_dir, tiny_mmpr_dir, tmp_path):
+    """Activation checkpointing recomputes the forward in backward: same numbers as without it.
+    bf16 autocast changes rounding only: its step-1 DPO/BCO terms are still exactly ln 2 / 2 ln 2
+    (policy and reference round identically) and its SFT term is close to float32's."""
+    plain = run(make_recipe(tiny_model_dir, tiny_mmpr_dir, tmp_path / "a", max_steps=2))
+    recipe = make_recipe(tiny_model_dir, tiny_mmpr_dir, tmp_path / "b", max_steps=2)
+    recipe["model"]["gradient_checkpointing"] = True
+    checkpointed = run(recipe)
+    for key in ("loss", "loss/sft", "rewards/margins", "grad_norm"):
+        assert [r[key] for r in checkpointed] == pytest.approx([r[key] for r in plain], rel=1e-5, abs=1e-7), key
+    bf16 = run(make_recipe(tiny_model_dir, tiny_mmpr_dir, tmp_path / "c", max_steps=1, mixed_precision="bf16"))
+    assert bf16[0]["loss/dpo"] == pytest.approx(LN2, abs=1e-6)
+    assert bf16[0]["loss/bco"] == pytest.approx(2 * LN2, abs=1e-6)
+    assert bf16[0]["loss/sft"] == pytest.approx(plain[0]["loss/sft"], rel=2e-2)
