@@ -17,6 +17,7 @@ import argparse
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,8 +92,14 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int):
-    """Trains a byte-level BPE on the built-in corpus and wraps it for the InternVL processor."""
+def build_tokenizer(vocab_size: int, corpus: Sequence[str] | None = None):
+    """Trains a byte-level BPE and wraps it for the InternVL processor.
+
+    Args:
+        vocab_size: target vocabulary size (special tokens included).
+        corpus: the training text; the built-in :func:`_corpus` when None. A model meant for one
+            task (the demo's shapes) learns its words as single tokens, so responses stay short.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -106,7 +113,7 @@ def build_tokenizer(vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_corpus() * 4, trainer=trainer)
+    bpe.train_from_iterator(_corpus() * 4 if corpus is None else list(corpus), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         eos_token="<|im_end|>",
@@ -187,7 +194,14 @@ def build_model(size: TinySize, tokenizer, seed: int):
     return model
 
 
-def build_tiny_model(out_dir: str | os.PathLike, *, size: str = "tiny", seed: int = 0, max_patches: int = 12) -> Path:
+def build_tiny_model(
+    out_dir: str | os.PathLike,
+    *,
+    size: str = "tiny",
+    seed: int = 0,
+    max_patches: int = 12,
+    corpus: Sequence[str] | None = None,
+) -> Path:
     """Writes a random InternVL checkpoint with its processor to ``out_dir`` (atomically).
 
     Args:
@@ -195,6 +209,8 @@ def build_tiny_model(out_dir: str | os.PathLike, *, size: str = "tiny", seed: in
         size: one of :data:`SIZES`.
         seed: seeds the weights (the tokenizer is deterministic).
         max_patches: the processor's default tile budget (InternVL's ``max_dynamic_patch``).
+        corpus: text to train the tokenizer on (default: the built-in corpus); the special tokens
+            are always added, and the vocabulary is at most the size's ``vocab_size``.
 
     Returns:
         The directory, loadable with ``AutoModelForImageTextToText.from_pretrained``.
@@ -202,7 +218,7 @@ def build_tiny_model(out_dir: str | os.PathLike, *, size: str = "tiny", seed: in
     if size not in SIZES:
         raise ValueError(f"unknown tiny model size {size!r}; choose from {sorted(SIZES)}")
     dims = SIZES[size]
-    tokenizer = build_tokenizer(dims.vocab_size)
+    tokenizer = build_tokenizer(dims.vocab_size, corpus)
     processor = build_processor(tokenizer, dims.tile, dims.patch, max_patches)
     model = build_model(dims, tokenizer, seed)
     out = Path(out_dir)

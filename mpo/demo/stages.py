@@ -1,0 +1,168 @@
+"""The stages of the demo, each a function of its inputs on disk: model, SFT, pairs, training.
+
+Every stage goes through the project's public pieces, exactly as a user would chain them:
+``mpo.tiny_model`` builds the model, ``mpo.train.MPOTrainer`` trains it (SFT is the trainer with
+the DPO and BCO weights at 0), and ``data_pipeline`` samples, judges and pairs its responses.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mpo.demo.settings import DemoSettings
+
+DATASET = "shapes"
+DESCRIBE_DATASET = "shapes_describe"
+# The shapes answers are small integers and option letters: these modes judge them exactly, and
+# the same modes score the held-out evaluation, so "correct" means one thing throughout.
+MATCH_MODES = ("exact", "option", "numeric")
+# The SFT stage trains the chosen response only (weights 0/0/1), but an MMPR line needs a
+# non-empty rejected response; this one is never scored into the loss.
+SFT_PLACEHOLDER_REJECTED = "."
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The MPO objective's weights: DPO (preference), BCO (quality), SFT (generation)."""
+
+    dpo: float
+    bco: float
+    sft: float
+
+
+METHODS: dict[str, LossWeights] = {
+    "mpo": LossWeights(0.8, 0.2, 1.0),  # the paper's weights
+    "dpo": LossWeights(1.0, 0.0, 0.0),  # preference loss alone
+    "sft_chosen": LossWeights(0.0, 0.0, 1.0),  # SFT on the chosen responses of the same pairs
+}
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def cot_prompt(question: str) -> str:
+    """The user turn for a raw shapes question: the pipeline's v1 chain-of-thought prompt."""
+    from data_pipeline.prompts import BUILTIN_TEMPLATES, build_cot_prompt
+
+    return build_cot_prompt(question, 1, BUILTIN_TEMPLATES["v1"])
+
+
+def task_records(task_dir: Path, split: str) -> tuple[list[dict], list[dict]]:
+    """(checkable questions, describe items) of one split."""
+    return read_jsonl(task_dir / f"{split}.jsonl"), read_jsonl(task_dir / f"{split}_describe.jsonl")
+
+
+def build_model(task_dir: Path, out_dir: Path, settings: DemoSettings, seed: int) -> Path:
+    """A random InternVL whose tokenizer is trained on the train split's prompts and answers.
+
+    Trained on the task's text, the vocabulary holds each word as one token (a few hundred
+    tokens in all), so responses are short sequences and the output layer is small.
+    """
+    from mpo.tiny_model import build_tiny_model
+
+    checkable, describe = task_records(task_dir, "train")
+    corpus = [cot_prompt(r["question"]) + "\n" + r["cot"] for r in checkable + describe]
+    return build_tiny_model(out_dir, size=settings.model_size, seed=seed, max_patches=1, corpus=corpus)
+
+
+def write_sft_data(task_dir: Path, out_path: Path) -> int:
+    """The SFT set: every train question and describe item with its reference chain of thought."""
+    checkable, describe = task_records(task_dir, "train")
+    lines = [
+        {"image": r["image"], "question": cot_prompt(r["question"]), "chosen": r["cot"],
+         "rejected": SFT_PLACEHOLDER_REJECTED, "id": r["id"]}
+        for r in checkable + describe
+    ]
+    write_jsonl(out_path, lines)
+    return len(lines)
+
+
+def train(
+    model_dir: Path, data: dict, out_dir: Path, weights: LossWeights, steps: int, batch: int,
+    lr: float, settings: DemoSettings, seed: int,
+) -> Path:
+    """Runs :class:`mpo.train.MPOTrainer` once; returns the saved model (``out_dir/final``).
+
+    Args:
+        model_dir: the starting checkpoint (also the frozen reference when one is needed).
+        data: the recipe's ``data`` section (``jsonl_path``/``image_root`` or ``meta_path``).
+        out_dir: the trainer's output directory (``metrics.jsonl`` lands there).
+        weights: the loss weights; DPO and BCO at 0 load no reference model.
+    """
+    from mpo.config import recipe_from_dict
+    from mpo.train import MPOTrainer
+
+    recipe = recipe_from_dict({
+        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
+        "data": {**data, "max_dynamic_patch": 1, "max_length": 512},
+        "loss": {"beta": settings.beta, "dpo_weight": weights.dpo, "bco_weight": weights.bco,
+                 "sft_weight": weights.sft},
+        "forward": {"layout": settings.layout},
+        "train": {"lr": lr, "max_steps": steps, "micro_batch_size": batch, "mixed_precision": "no",
+                  "warmup_ratio": 0.05, "lr_scheduler": "cosine", "log_every": 1},
+        "output_dir": str(out_dir),
+        "seed": seed,
+    }, source="mpo demo")
+    MPOTrainer(recipe).train()
+    return out_dir / "final"
+
+
+def _pipeline_input(records: list[dict], dataset: str, with_answer: bool) -> list[dict]:
+    # Grouped by question family: a batch of one family has responses of similar length, so
+    # batched generation wastes fewer steps on rows that have already finished.
+    ordered = sorted(records, key=lambda r: r["kind"])
+    return [{"id": r["id"], "dataset": dataset, "image": r["image"], "question": r["question"],
+             "answer": r["answer"] if with_answer else None} for r in ordered]
+
+
+def build_pairs(model_dir: Path, task_dir: Path, out_dir: Path, settings: DemoSettings, seed: int,
+                progress: bool = True) -> dict:
+    """Samples the SFT model and builds MMPR pairs with the data pipeline (its Python API).
+
+    Two builds write into one MMPR directory: the checkable train questions (K samples each ->
+    correctness and format pairs) and the describe items (one sample each -> Dropout-NTP pairs).
+
+    Returns:
+        ``{"meta": path, "subsets": {name: pairs}, "summaries": {build: summary dict}}``.
+    """
+    from data_pipeline.backends import SamplingParams, TransformersBackend
+    from data_pipeline.build import BuildPaths, PairSettings, run_build
+    from data_pipeline.dropout_ntp import NTPSettings
+    from data_pipeline.prompts import BUILTIN_TEMPLATES
+    from data_pipeline.records import read_questions
+    from data_pipeline.sample import SampleSettings
+
+    checkable, describe = task_records(task_dir, "train")
+    if settings.sample_questions:
+        checkable = checkable[: settings.sample_questions]
+    builds = [(DATASET, _pipeline_input(checkable, DATASET, True), settings.num_samples)]
+    if settings.ntp_questions:
+        builds.append((DESCRIBE_DATASET, _pipeline_input(describe[: settings.ntp_questions], DESCRIBE_DATASET, False), 1))
+
+    backend = TransformersBackend(model_dir, device="cpu", dtype="float32")
+    params = SamplingParams(temperature=settings.temperature, top_p=1.0, max_new_tokens=settings.max_new_tokens, max_tiles=1)
+    summaries = {}
+    for name, lines, num_samples in builds:
+        input_path = write_jsonl(out_dir / "inputs" / f"{name}.jsonl", lines)
+        questions, bad = read_questions(input_path, name, skip_bad=False)
+        summary = run_build(
+            questions, bad, task_dir, BuildPaths.of(out_dir, name), backend,
+            SampleSettings(BUILTIN_TEMPLATES["v1"], num_samples, params, seed, settings.sample_batch),
+            NTPSettings(0.5, 1, params, seed, settings.sample_batch),
+            PairSettings(settings.max_pairs, seed),
+            modes=MATCH_MODES, threshold=0.9, progress=progress,
+        )
+        summaries[name] = asdict(summary)
+    meta = json.loads((out_dir / "meta.json").read_text())
+    return {"meta": str(out_dir / "meta.json"), "subsets": {k: v["length"] for k, v in meta.items()},
+            "summaries": summaries}
