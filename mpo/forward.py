@@ -78,6 +78,12 @@ class PreferenceForward(nn.Module):
         hf = base_model(self.model)
         return hf.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
 
+    @staticmethod
+    def _blank_tile(hf: nn.Module, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        size = hf.config.vision_config.image_size
+        height, width = (size, size) if isinstance(size, int) else size
+        return torch.zeros(1, 3, height, width, dtype=dtype, device=device)
+
     def forward(self, batch: PreferenceBatch, image_features: torch.Tensor | None = None) -> ForwardOutput:
         """Scores every response token of the batch.
 
@@ -87,13 +93,19 @@ class PreferenceForward(nn.Module):
                 for a reference with the same frozen vision tower); computed here when ``None``.
         """
         hf = base_model(self.model)
-        if image_features is None and batch.pixel_values is not None:
-            image_features = self.image_features(batch.pixel_values)
+        dtype = hf.get_input_embeddings().weight.dtype
+        text_only = batch.pixel_values is None
+        if image_features is None:
+            # A text-only micro-batch still runs the vision tower, on one blank tile whose features
+            # feed no token (as the official InternVL trainer does): every process then uses every
+            # weight at every step, which DDP's and ZeRO-2's gradient reduction and ZeRO-3's
+            # per-layer gathers need whenever another process's micro-batch has images.
+            pixels = self._blank_tile(hf, dtype, batch.input_ids.device) if text_only else batch.pixel_values
+            image_features = self.image_features(pixels)
         encoder_outputs = None
-        if image_features is not None:
+        if not text_only:
             features = image_features.repeat(batch.feature_repeat, 1, 1) if batch.feature_repeat > 1 else image_features
             encoder_outputs = {"image": BaseModelOutputWithPooling(pooler_output=features)}
-        dtype = hf.get_input_embeddings().weight.dtype
         hidden = hf.model(
             input_ids=batch.input_ids,
             attention_mask=attention_mask_for(batch, dtype),
@@ -106,4 +118,7 @@ class PreferenceForward(nn.Module):
         scored = hidden.flatten(0, 1)[batch.predict_index]
         logits = hf.lm_head(scored).float()
         token_logps = logits.gather(-1, batch.target_ids[:, None]).squeeze(-1) - logits.logsumexp(-1)
+        if text_only:
+            # Exactly 0, but it puts the blank tile's vision weights in the graph (zero gradients).
+            token_logps = token_logps + 0.0 * image_features.sum()
         return ForwardOutput(sequence_logps(token_logps, batch.segment_ids, batch.num_pairs), image_features)

@@ -70,7 +70,9 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optim
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
-            (no_decay if parameter.ndim < 2 else decay).append(parameter)
+            # A ZeRO-3 partitioned parameter is an empty 1-D placeholder; ds_shape is its real shape.
+            ndim = len(parameter.ds_shape) if hasattr(parameter, "ds_shape") else parameter.ndim
+            (no_decay if ndim < 2 else decay).append(parameter)
     train = recipe.train
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
