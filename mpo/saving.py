@@ -14,23 +14,56 @@ def _strip_wrapper(state_dict: dict, prefix: str = "model.") -> dict:
     return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
 
 
+def merge_lora_state_dict(state_dict: dict, scaling: float, adapter: str = "default") -> dict:
+    """The plain HF state dict of a LoRA model with its adapters folded in: W + scaling * B @ A.
+
+    Works on a (gathered) state dict rather than merging the live modules, so it is the same
+    under ZeRO-3, where the modules hold only this process's shard, and it leaves the trained
+    model untouched.
+
+    Args:
+        state_dict: peft keys (``base_model.model.<hf key with .base_layer>``, ``...lora_A.<adapter>.weight``).
+        scaling: ``lora_alpha / r``, peft's scale of the update.
+        adapter: the peft adapter name.
+    """
+    merged = {}
+    for key, value in state_dict.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            continue
+        if key.endswith(".base_layer.weight"):
+            module = key[: -len(".base_layer.weight")]
+            down = state_dict[f"{module}.lora_A.{adapter}.weight"].float()
+            up = state_dict[f"{module}.lora_B.{adapter}.weight"].float()
+            value = (value.float() + scaling * (up @ down)).to(value.dtype)
+        merged[key.removeprefix("base_model.model.").replace(".base_layer.", ".")] = value
+    return merged
+
+
 def save_final_model(accelerator, policy, processor, recipe: Recipe) -> Path:
     """Writes ``output_dir/final`` atomically (under ZeRO-3 the weights are gathered first).
 
     Full fine-tuning writes the whole model with safetensors; LoRA writes the adapter (and, with
-    ``model.lora.merge_on_save``, a merged full model under ``final/merged``).
+    ``model.lora.merge_on_save``, a merged full model under ``final/merged``). Under ZeRO-3 the
+    launch config needs ``zero3_save_16bit_model: true`` (every ``launch/zero3*.yaml`` sets it):
+    that is what makes DeepSpeed gather the shards into one state dict on the main process.
     """
     out = Path(recipe.output_dir) / "final"
     tmp = out.with_name("final.tmp")
-    state_dict = _strip_wrapper(accelerator.get_state_dict(policy))  # collective: every rank calls it
-    model = accelerator.unwrap_model(policy).model
+    # Collective under ZeRO-3 (every rank must call it); the gathered dict exists on the main
+    # process only (None elsewhere).
+    gathered = accelerator.get_state_dict(policy)
     if accelerator.is_main_process:
+        from mpo.forward import base_model
+
+        state_dict = _strip_wrapper(gathered)
+        model = accelerator.unwrap_model(policy).model
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         processor.save_pretrained(tmp)
-        if recipe.model.lora.enabled and recipe.model.lora.merge_on_save:
-            merged = model.merge_and_unload()
-            merged.save_pretrained(tmp / "merged", safe_serialization=True)
+        lora = recipe.model.lora
+        if lora.enabled and lora.merge_on_save:
+            merged = merge_lora_state_dict(state_dict, lora.alpha / lora.r)
+            base_model(model).save_pretrained(tmp / "merged", state_dict=merged, safe_serialization=True)
             processor.save_pretrained(tmp / "merged")
         if out.exists():
             shutil.rmtree(out)
