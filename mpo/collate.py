@@ -64,7 +64,8 @@ def collate_plain(pairs: list[EncodedPair], pad_id: int, dedupe_vision: bool = T
     return PreferenceBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        attention_bias=None,
+        pair_ids=None,
+        part_ids=None,
         position_ids=None,
         pixel_values=pixel_values,
         pair_tile_counts=[p.num_tiles for p in pairs],

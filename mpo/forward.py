@@ -36,12 +36,37 @@ def base_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def attention_mask_for(batch: PreferenceBatch, dtype: torch.dtype) -> torch.Tensor:
-    """The 2D padding mask, or the layout's 4D "may attend" mask as an additive bias."""
-    if batch.attention_bias is None:
+def attention_kernel(requested: str, device: torch.device) -> str:
+    """How a shared-prefix or packed batch's mask is realised: ``flex`` or ``sdpa``.
+
+    ``auto`` picks FlexAttention on CUDA, whose block mask lets the kernel skip the blocks no token
+    attends to, and SDPA with a dense mask elsewhere (FlexAttention has no backward on CPU).
+    """
+    if requested == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    if requested not in ("sdpa", "flex"):
+        raise ValueError(f"forward.attention must be auto, sdpa or flex, got {requested!r}")
+    return requested
+
+
+def attention_mask_for(batch: PreferenceBatch, dtype: torch.dtype, kernel: str = "sdpa"):
+    """The language model's mask: the 2D padding mask (plain layout), or the layout's "may attend"
+    rule as a FlexAttention ``BlockMask`` (``kernel="flex"``) or a dense ``[R, 1, T, T]`` additive
+    bias (``kernel="sdpa"``).
+
+    The dense mask is additive in the model dtype rather than boolean: SDPA turns a boolean mask
+    into an additive one in every layer and keeps each copy for the backward, whereas one additive
+    mask is shared by all layers.
+    """
+    if batch.pair_ids is None:
         return batch.attention_mask
-    bias = torch.zeros(batch.attention_bias.shape, dtype=dtype, device=batch.attention_bias.device)
-    return bias.masked_fill(~batch.attention_bias, torch.finfo(dtype).min)
+    from mpo.packing import dense_attention_mask, flex_block_mask
+
+    if kernel == "flex":
+        return flex_block_mask(batch.pair_ids, batch.part_ids)
+    allowed = dense_attention_mask(batch.pair_ids, batch.part_ids)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def sequence_logps(token_logps: torch.Tensor, segment_ids: torch.Tensor, num_pairs: int) -> SequenceLogps:
@@ -72,6 +97,24 @@ class PreferenceForward(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        # The language model's attention as loaded; shared-prefix and packed batches switch it to
+        # the kernel their mask needs (transformers' public set_attn_implementation), plain
+        # batches switch it back.
+        self.loaded_text_attention = base_model(model).config.text_config._attn_implementation
+
+    def use_attention_for(self, batch: PreferenceBatch) -> str:
+        """Sets the language model's attention implementation for ``batch``; returns the kernel
+        (``plain``, ``sdpa`` or ``flex``). The vision tower keeps its own implementation."""
+        hf = base_model(self.model)
+        if batch.pair_ids is None:
+            kernel, wanted = "plain", self.loaded_text_attention
+        else:
+            kernel = attention_kernel(batch.attention, batch.input_ids.device)
+            wanted = "flex_attention" if kernel == "flex" else "sdpa"
+        if hf.config.text_config._attn_implementation != wanted:
+            hf.set_attn_implementation({"text_config": wanted})
+        return kernel
+
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[tiles, tokens_per_tile, hidden]`` projected features of the tiles."""
@@ -108,7 +151,7 @@ class PreferenceForward(nn.Module):
             encoder_outputs = {"image": BaseModelOutputWithPooling(pooler_output=features)}
         hidden = hf.model(
             input_ids=batch.input_ids,
-            attention_mask=attention_mask_for(batch, dtype),
+            attention_mask=attention_mask_for(batch, dtype, self.use_attention_for(batch)),
             position_ids=batch.position_ids,
             mm_encoder_outputs=encoder_outputs,
             use_cache=False,

@@ -68,10 +68,13 @@ class PreferenceBatch:
 
     Attributes:
         input_ids: ``[R, T]`` token ids, right-padded with the pad id.
-        attention_mask: ``[R, T]`` 1 for real tokens (plain layout), or ``None`` when
-            ``attention_bias`` is given.
-        attention_bias: ``[R, 1, T, T]`` boolean "may attend" mask for the shared-prefix and
-            packed layouts, or ``None``.
+        attention_mask: ``[R, T]`` 1 for real tokens (plain layout), or ``None`` for the
+            shared-prefix and packed layouts.
+        pair_ids: ``[R, T]`` the pair each token belongs to, -1 for padding (shared-prefix and
+            packed layouts), else ``None``. With ``part_ids`` it defines who may attend to whom
+            (:func:`mpo.packing.may_attend`); the ``[R, 1, T, T]`` mask is built on the device
+            by the forward, never collated and copied.
+        part_ids: ``[R, T]`` 0 prompt, 1 chosen, 2 rejected (shared-prefix and packed layouts).
         position_ids: ``[R, T]``, or ``None`` for the default ``0..T-1``.
         pixel_values: ``[tiles, 3, H, W]`` for every ``<IMG_CONTEXT>`` run in row-major order.
         pair_tile_counts: tiles per pair (the tiles of one pair's prompt), to reuse vision
@@ -87,11 +90,14 @@ class PreferenceBatch:
             image runs of the rows: 2 in the plain layout with ``dedupe_vision`` (tiles kept once,
             features used by the chosen rows and again by the rejected rows), else 1.
         sources: ``file:line`` of each pair, for reports and precomputed reference keys.
+        attention: the recipe's ``forward.attention`` (``auto``, ``sdpa`` or ``flex``): how the
+            forward realises the mask of a shared-prefix or packed batch.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None
-    attention_bias: torch.Tensor | None
+    pair_ids: torch.Tensor | None
+    part_ids: torch.Tensor | None
     position_ids: torch.Tensor | None
     pixel_values: torch.Tensor | None
     pair_tile_counts: list[int]
@@ -102,13 +108,14 @@ class PreferenceBatch:
     layout: str
     feature_repeat: int
     sources: list[str] = field(default_factory=list)
+    attention: str = "auto"
 
     @property
     def num_tokens(self) -> int:
         """Real tokens in the batch (pads excluded), for throughput figures."""
         if self.attention_mask is not None:
             return int(self.attention_mask.sum())
-        return int(self.attention_bias.diagonal(dim1=-2, dim2=-1).sum())
+        return int((self.pair_ids >= 0).sum())
 
     def to(self, device: torch.device | str) -> "PreferenceBatch":
         def move(t):
@@ -117,7 +124,8 @@ class PreferenceBatch:
         return PreferenceBatch(
             input_ids=move(self.input_ids),
             attention_mask=move(self.attention_mask),
-            attention_bias=move(self.attention_bias),
+            pair_ids=move(self.pair_ids),
+            part_ids=move(self.part_ids),
             position_ids=move(self.position_ids),
             pixel_values=move(self.pixel_values),
             pair_tile_counts=self.pair_tile_counts,
@@ -128,6 +136,7 @@ class PreferenceBatch:
             layout=self.layout,
             feature_repeat=self.feature_repeat,
             sources=self.sources,
+            attention=self.attention,
         )
 
 

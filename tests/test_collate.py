@@ -51,7 +51,7 @@ def test_docstring_example_exact_tensors():
     assert_close(batch.target_ids, torch.tensor([8, 9, 9, 3, 3, 4]))
     assert_close(batch.segment_ids, torch.tensor([0, 1, 1, 2, 2, 3]))
     assert batch.num_pairs == 2 and batch.layout == "plain"
-    assert batch.pixel_values is None and batch.attention_bias is None and batch.position_ids is None
+    assert batch.pixel_values is None and batch.pair_ids is None and batch.position_ids is None
     assert batch.pair_tile_counts == [0, 0]
     assert batch.num_tokens == 12  # 3 + 3 + 4 + 2 real tokens
 
