@@ -155,6 +155,12 @@ class MPOTrainer:
         self.fetch = PairFetcher(self.dataset, recipe.data.on_bad_sample == "skip", recipe.output_dir)
         self.fetch.skipped_count = len(skipped or [])
         self.collate = build_collator(recipe.forward, recipe.data, self.processor.tokenizer.pad_token_id)
+        self.precomputed = None
+        if recipe.reference.precomputed_path:
+            from mpo.precompute import PrecomputedReference
+
+            # Checked before any model loads, so a stale file is refused in seconds.
+            self.precomputed = PrecomputedReference.open(recipe.reference.precomputed_path, recipe, self.dataset)
         self.order = GlobalBatchOrder(
             num_records=len(self.dataset),
             micro_batch_size=recipe.train.micro_batch_size,
@@ -219,10 +225,8 @@ class MPOTrainer:
         if not self.loss_fn.needs_reference:
             return None
         recipe = self.recipe
-        if recipe.reference.precomputed_path:
-            from mpo.precompute import PrecomputedReference
-
-            return PrecomputedReference.open(recipe.reference.precomputed_path, recipe, self.dataset)
+        if self.precomputed is not None:
+            return self.precomputed
         if recipe.model.lora.enabled:
             return DisabledAdapterReference(self.accelerator.unwrap_model(self.policy), self.reuse_features)
         reference = PreferenceForward(load_reference(recipe.model))

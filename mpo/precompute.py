@@ -1,0 +1,334 @@
+"""Reference log-probs computed once, stored next to the data, and looked up during training.
+
+The reference model is frozen, so its log-probs of every pair never change: computing them once
+before training frees the memory of a second model (and its forward at every step). Unlike the
+peers, this works for image and video data: the stored values are those of exactly the tiling,
+truncation and chat format the trainer uses, because they are computed by the trainer's own
+dataset, collator and forward.
+
+    mpo precompute-ref RECIPE.yaml [--out PATH] [key.sub=value ...]
+    accelerate launch --config_file launch/zero3.yaml -m mpo.precompute RECIPE.yaml   # distributed
+
+The file (safetensors: chosen/rejected summed log-probs and token counts per pair) is keyed by
+each pair's source ``annotation:line`` (relative to the data directory, so the directory can be
+moved) and carries a fingerprint of what the values depend on:
+
+* the dataset: every annotation file's size and hash, ``meta.json``'s hash, the record count;
+* the model: hashes of its config and tokenizer files, and of each weight file's size plus four
+  1 MiB samples spread over it (cheap on a 16 GB checkpoint, yet any fine-tune changes them), the
+  load dtype;
+* the tiling and length settings: ``max_dynamic_patch``, ``max_length``, ``overlong``, ``video_frames``.
+
+Training with ``reference.precomputed_path`` loads no reference model; a file whose fingerprint
+differs from the recipe's is refused with one line naming what changed. Image files themselves
+are identified by their annotation entries: replacing an image in place under the same name is
+not detected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from mpo.config import ModelConfig, Recipe, load_recipe
+from mpo.errors import DataError, OverlongPair
+from mpo.types import EncodedPair, PreferenceBatch, SequenceLogps
+
+FORMAT = "mpo-reference-logps/1"
+_SAMPLE_BYTES = 1 << 20
+_SAMPLES = 4
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sampled_digest(path: Path) -> str:
+    """Size plus ``_SAMPLES`` evenly spaced 1 MiB reads: a few MB of I/O per weight file."""
+    size = path.stat().st_size
+    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with open(path, "rb") as handle:
+        for i in range(_SAMPLES):
+            handle.seek(max(0, (size - _SAMPLE_BYTES) * i // max(1, _SAMPLES - 1)))
+            digest.update(handle.read(_SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def data_root(recipe: Recipe) -> Path:
+    """The directory the data lives in (meta.json's or the JSONL's); stored keys are relative to it."""
+    return Path(recipe.data.meta_path or recipe.data.jsonl_path).resolve().parent
+
+
+def pair_key(source: str, root: Path) -> str:
+    """``annotation:line`` with the annotation path relative to ``root``."""
+    file, _, line = source.rpartition(":")
+    return f"{os.path.relpath(file, root)}:{line}"
+
+
+def _model_dir(config: ModelConfig) -> Path:
+    from mpo.modeling import resolve_model_path
+
+    path = Path(resolve_model_path(config.name_or_path))
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    # A hub id: the files of its locally cached snapshot (no download here).
+    return Path(snapshot_download(config.name_or_path, local_files_only=True))
+
+
+@dataclass
+class Fingerprint:
+    """What stored reference log-probs depend on; any difference makes them stale."""
+
+    dataset: dict
+    model: dict
+    settings: dict
+
+    @classmethod
+    def of(cls, recipe: Recipe, sources: list[str]) -> "Fingerprint":
+        """The fingerprint of a recipe's data, model and settings.
+
+        Args:
+            recipe: the training recipe.
+            sources: ``file:line`` of every record of its dataset, in order.
+        """
+        root = data_root(recipe)
+        files = list(dict.fromkeys(source.rpartition(":")[0] for source in sources))
+        dataset = {
+            "annotations": {os.path.relpath(f, root): [Path(f).stat().st_size, _digest(Path(f))] for f in files},
+            "meta": _digest(Path(recipe.data.meta_path)) if recipe.data.meta_path else "",
+            "records": len(sources),
+        }
+        model_dir = _model_dir(recipe.model)
+        model = {"dtype": recipe.model.dtype}
+        for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+            name = str(path.relative_to(model_dir))
+            if path.suffix in _WEIGHT_SUFFIXES:
+                model[name] = _sampled_digest(path)
+            elif path.suffix in (".json", ".jinja", ".txt", ".model", ".tiktoken"):
+                model[name] = _digest(path)
+        data = recipe.data
+        settings = {
+            "max_dynamic_patch": data.max_dynamic_patch,
+            "max_length": data.max_length,
+            "overlong": data.overlong,
+            "video_frames": data.video_frames,
+        }
+        return cls(dataset=dataset, model=model, settings=settings)
+
+    def differences(self, other: "Fingerprint") -> list[str]:
+        """Human-readable names of what differs, e.g. ``["dataset (annotations)"]``."""
+        found = []
+        for part in ("dataset", "model", "settings"):
+            mine, theirs = getattr(self, part), getattr(other, part)
+            keys = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+            if keys:
+                found.append(f"{part} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+        return found
+
+
+class PrecomputedReference:
+    """Reference log-probs looked up by pair: ``reference(batch, policy_image_features)``.
+
+    Has the interface of :mod:`mpo.reference`'s sources, without a model.
+    """
+
+    def __init__(self, path: Path, root: Path, keys: list[str], tensors: dict[str, torch.Tensor]):
+        self.path, self.root = path, root
+        self.rows = {key: row for row, key in enumerate(keys)}
+        self.tensors = tensors
+
+    @classmethod
+    def open(cls, path: str | Path, recipe: Recipe, dataset) -> "PrecomputedReference":
+        """Loads ``path`` and refuses it unless it matches the recipe's data, model and settings.
+
+        Args:
+            path: a file written by ``mpo precompute-ref``.
+            recipe: the training recipe.
+            dataset: the training :class:`mpo.data.PreferenceDataset` (its records' sources).
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise DataError("precomputed reference log-probs not found; run `mpo precompute-ref` first", file=str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise DataError(f"not a {FORMAT} file", file=str(path))
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        sources = [record.source for record in dataset.records]
+        stored = Fingerprint(**json.loads(meta["fingerprint"]))
+        changed = Fingerprint.of(recipe, sources).differences(stored)
+        if changed:
+            raise DataError(
+                f"stale precomputed reference log-probs: {'; '.join(changed)} changed since they were computed; "
+                "run `mpo precompute-ref` again",
+                file=str(path),
+            )
+        root = data_root(recipe)
+        reference = cls(path, root, json.loads(meta["keys"]), tensors)
+        skipped = set(json.loads(meta["skipped"]))
+        missing = [s for s in sources if pair_key(s, root) not in reference.rows and pair_key(s, root) not in skipped]
+        if missing:
+            raise DataError(f"stale precomputed reference log-probs: no entry for {pair_key(missing[0], root)}", file=str(path))
+        return reference
+
+    def __call__(self, batch: PreferenceBatch, policy_image_features: torch.Tensor | None = None) -> SequenceLogps:
+        keys = [pair_key(source, self.root) for source in batch.sources]
+        for key in keys:
+            if key not in self.rows:
+                raise DataError(f"no precomputed reference log-probs for {key}", file=str(self.path))
+        rows = torch.tensor([self.rows[key] for key in keys], dtype=torch.long)
+        device = batch.input_ids.device
+        logps = SequenceLogps(**{name: self.tensors[name][rows].to(device) for name in _FIELDS})
+        # The token counts were stored too: a pair tokenized differently now (another tokenizer,
+        # chat format or truncation) would otherwise be scored against a different response.
+        counts = torch.bincount(batch.segment_ids, minlength=2 * batch.num_pairs).to(device)
+        stored = torch.cat([logps.chosen_token_counts, logps.rejected_token_counts])
+        if not torch.equal(counts, stored):
+            raise DataError(
+                f"stale precomputed reference log-probs: {keys[0]}... now has other response token counts", file=str(self.path)
+            )
+        return logps
+
+
+_FIELDS = ("chosen_logps", "rejected_logps", "chosen_token_counts", "rejected_token_counts")
+
+
+def _shard(indices: list[int], rank: int, world: int, micro_batch_size: int) -> list[list[int]]:
+    """This process's micro-batches. Every process gets the same number (the list is padded by
+    repeating its last index), because under ZeRO-3 each forward is a collective."""
+    per_step = world * micro_batch_size
+    padded = indices + indices[-1:] * (-len(indices) % per_step)
+    mine = padded[rank::world]
+    return [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+
+
+def _unique_indices(records) -> list[int]:
+    """One dataset index per source (``repeat_time`` > 1 repeats lines; their values are equal)."""
+    first: dict[str, int] = {}
+    for index, record in enumerate(records):
+        first.setdefault(record.source, index)
+    return sorted(first.values())
+
+
+def compute(recipe: Recipe, out: Path | None) -> Path:
+    """Runs the reference over the recipe's dataset (sharded over the launched processes) and
+    writes the file on the main process. Returns its path."""
+    from accelerate.utils import DistributedType, gather_object
+
+    from mpo.collate import build_collator
+    from mpo.data import PreferenceDataset, load_records
+    from mpo.forward import PreferenceForward
+    from mpo.modeling import load_processor, load_reference
+    from mpo.train import make_accelerator
+
+    accelerator = make_accelerator(recipe)
+    processor = load_processor(recipe.model)
+    skip = recipe.data.on_bad_sample == "skip"
+    bad_records: list[DataError] | None = [] if skip else None
+    records = load_records(recipe.data, recipe.seed, bad_records)
+    dataset = PreferenceDataset(records, processor, recipe.data)
+    collate = build_collator(recipe.forward, recipe.data, processor.tokenizer.pad_token_id)
+    root = data_root(recipe)
+    out = out or root / f"reference_logps-{Path(recipe.model.name_or_path.replace(':', '-')).name}.safetensors"
+
+    model = load_reference(recipe.model)
+    reference = PreferenceForward(model)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        from mpo.distributed import configure_deepspeed, prepare_deepspeed_reference
+
+        configure_deepspeed(accelerator, recipe.train.micro_batch_size, 1, recipe.train.max_grad_norm, model)
+        reference = prepare_deepspeed_reference(reference, accelerator)
+    else:
+        reference = reference.to(accelerator.device)
+        reference.eval()
+
+    results: list[tuple[str, list[float]]] = []
+    skipped: list[str] = []
+    fallback: list[EncodedPair] = []
+    batches = _shard(_unique_indices(records), accelerator.process_index, accelerator.num_processes, recipe.train.micro_batch_size)
+    for indices in batches:
+        pairs = []
+        for index in indices:
+            item = dataset[index]
+            if isinstance(item, EncodedPair):
+                pairs.append(item)
+            elif skip or isinstance(item, OverlongPair):
+                skipped.append(pair_key(records[index].source, root))
+            else:
+                raise item
+        # A micro-batch with no usable pair still runs a forward (on the last good pairs, values
+        # discarded as duplicates) so ZeRO-3's per-layer gathers stay in step across processes.
+        pairs = pairs or fallback
+        if not pairs:
+            continue
+        fallback = pairs
+        batch = collate(pairs).to(accelerator.device)
+        with torch.no_grad(), accelerator.autocast():
+            logps = reference(batch).logps
+        for j, pair in enumerate(pairs):
+            values = [float(getattr(logps, name)[j]) for name in _FIELDS]
+            results.append((pair_key(pair.source, root), values))
+
+    results = gather_object(results)
+    skipped = sorted(set(gather_object(skipped)))
+    if accelerator.is_main_process:
+        table = dict(results)  # duplicates (padding, fallbacks) hold equal values
+        keys = sorted(table)
+        _write(out, keys, table, skipped, Fingerprint.of(recipe, [r.source for r in records]))
+        print(f"wrote reference log-probs of {len(keys)} pair(s) to {out} ({len(skipped)} skipped)")
+        print(f"train with: reference.precomputed_path={out}")
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _write(out: Path, keys: list[str], table: dict, skipped: list[str], fingerprint: Fingerprint) -> None:
+    """Writes the safetensors file atomically (a temporary name, then a rename)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for column, name in enumerate(_FIELDS):
+        dtype = torch.float32 if name.endswith("logps") else torch.long
+        tensors[name] = torch.tensor([table[key][column] for key in keys], dtype=dtype)
+    metadata = {
+        "format": FORMAT,
+        "keys": json.dumps(keys),
+        "skipped": json.dumps(skipped),
+        "fingerprint": json.dumps(asdict(fingerprint), sort_keys=True),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o644)  # a data file others may read, like the annotations beside it
+    os.replace(tmp, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mpo precompute-ref", description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", help="the training recipe (YAML)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for training")
+    parser.add_argument("--out", type=Path, default=None, help="output file (default: next to the data)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    compute(load_recipe(args.recipe, args.overrides), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    from mpo.cli import exit_on_data_error
+
+    sys.exit(exit_on_data_error(main))
