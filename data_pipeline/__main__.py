@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ntp-ratio", type=_ratio, default=0.5, help="the ratio dropout-ntp used (names the subset)")
+    p.add_argument("--resample-out", help="where all-wrong questions go (default: <matched>.resample.jsonl)")
     add_pair_args(p)
 
     p = sub.add_parser("build", help="sample, match, dropout-ntp and pair in one resumable run")

@@ -71,6 +71,11 @@ class Generation:
     completion_tokens: tuple[int, ...] = field(default_factory=tuple)
 
 
+def model_identity(model: str | os.PathLike) -> str:
+    """A local checkpoint by its absolute path (so ``./ckpt`` and ``/x/ckpt`` agree), else the hub id."""
+    return str(Path(model).resolve()) if Path(model).exists() else str(model)
+
+
 class TransformersBackend:
     """An InternVL checkpoint loaded with ``AutoModelForImageTextToText`` / ``AutoProcessor``.
 
@@ -162,7 +167,7 @@ class TransformersBackend:
 
     def describe(self) -> dict:
         """What identifies this backend's outputs (for the resume check)."""
-        return {"backend": self.name, "model": self.model_path}
+        return {"backend": self.name, "model": model_identity(self.model_path)}
 
     def close(self) -> None:
         pass

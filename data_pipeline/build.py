@@ -91,7 +91,7 @@ def dataset_summary(match_stats: dict[str, MatchStats], pair_stats: dict[str, Pa
 
 
 def assemble(matched: list[dict], ntp_records: list[dict], match_stats: dict[str, MatchStats], out_dir: Path,
-             image_root: Path, work_dir: Path, pair_settings: PairSettings, ntp_ratio: float) -> Summary:
+             image_root: Path, resample_path: Path, pair_settings: PairSettings, ntp_ratio: float) -> Summary:
     """Pairs, annotations, meta.json, the re-sample file and the summary, from judged records."""
     answer_pairs = build_answer_pairs(matched, pair_settings.max_pairs, pair_settings.seed, pair_settings.answer_fix)
     by_id = {r["id"]: r for r in matched}
@@ -112,7 +112,6 @@ def assemble(matched: list[dict], ntp_records: list[dict], match_stats: dict[str
         for name, group in group_by_dataset(pairs, suffix).items():
             subsets[name] = group
     report = write_mmpr(out_dir, image_root, subsets)
-    resample_path = work_dir / "resample.jsonl"
     write_jsonl_atomic(resample_path, answer_pairs.resample)
     summary = Summary(
         questions=sum(m.questions for m in match_stats.values()),
@@ -186,14 +185,15 @@ def run_build(
         if missing:
             return None
         records = merge_sample_logs(sample_logs)
-        bad = [error.to_record() for error in bad_lines] + [
-            {"id": r["id"], "line": r["line"], "error": r["skipped"]} for r in records if "skipped" in r
-        ]
+        # Bad lines of the input (found when reading it) and bad inputs the sample stage skipped.
+        bad = sorted([{"line": e.line, "message": str(e)} for e in bad_lines]
+                     + [{"line": r["line"], "id": r["id"], "message": r["skipped"]} for r in records if "skipped" in r],
+                     key=lambda b: b["line"])
         write_jsonl_atomic(paths.work_dir / "bad_inputs.jsonl", bad)
         matched, match_stats = match_records(records, modes, threshold, progress)
         write_jsonl_atomic(paths.work_dir / "matched.jsonl", matched)
-        summary = assemble(matched, ntp_records, match_stats, paths.out_dir, image_root, paths.work_dir,
+        summary = assemble(matched, ntp_records, match_stats, paths.out_dir, image_root, paths.work_dir / "resample.jsonl",
                            pair_settings, ntp_settings.ratio)
-        summary.bad_inputs = [str(error) for error in bad_lines] + [r["skipped"] for r in records if "skipped" in r]
+        summary.bad_inputs = [b["message"] for b in bad]
         write_json_atomic(paths.work_dir / "summary.json", asdict(summary))
     return summary

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from data_pipeline.backends import SamplingParams
+from data_pipeline.backends import SamplingParams, model_identity
 from data_pipeline.build import BuildPaths, PairSettings, assemble, run_build
 from data_pipeline.dropout_ntp import NTPSettings, continue_without_image
 from data_pipeline.judging import match_records, merge_sample_logs, tally
@@ -35,7 +35,7 @@ class LazyBackend:
 
     def describe(self) -> dict:
         if self.args.backend == "transformers":
-            return {"backend": "transformers", "model": self.args.model}
+            return {"backend": "transformers", "model": model_identity(self.args.model)}
         return {"backend": "openai", "model": self.args.served_model or self.args.base_url,
                 "extra_body": self.args.extra_body, "samples_per_request": self.args.samples_per_request}
 
@@ -139,7 +139,9 @@ def cmd_pair(args: argparse.Namespace) -> int:
     ntp_records = [r for _, records in _read_logs(args.ntp) for r in records]
     stats = tally(matched)
     out_dir = Path(args.out_dir)
-    summary = assemble(matched, ntp_records, stats, out_dir, Path(args.image_root), out_dir / "work" / Path(args.matched).stem,
+    matched_path = Path(args.matched)
+    resample = Path(args.resample_out) if args.resample_out else matched_path.with_name(matched_path.stem + ".resample.jsonl")
+    summary = assemble(matched, ntp_records, stats, out_dir, Path(args.image_root), resample,
                        PairSettings(args.max_pairs, args.seed, args.answer_fix), args.ntp_ratio)
     print(summary.render())
     return 0

@@ -77,7 +77,7 @@ def sample_questions(
     image_root = Path(image_root)
     owned = [q for q in questions if shard.owns(q.id)]
     by_id = {q.id: q for q in owned}
-    config = fingerprint({"stage": "sample", **backend.describe(), **asdict(settings), "root": str(image_root)})
+    config = fingerprint({"stage": "sample", **backend.describe(), **asdict(settings), "root": str(image_root.resolve())})
     bad: list[DataError] = []
 
     def skipped(question: Question, error: DataError) -> dict:

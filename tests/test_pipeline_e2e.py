@@ -102,6 +102,10 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) ->
     with open(root / "questions.jsonl", "w") as handle:
         for line in QUESTIONS:
             handle.write(json.dumps(line) + "\n")
+    # The same questions plus two bad lines, for the builds run with --skip-bad.
+    shutil.copy(root / "questions.jsonl", root / "with_bad.jsonl")
+    with open(root / "with_bad.jsonl", "a") as handle:
+        handle.write(json.dumps({"id": "gone", "image": "missing.png", "question": "How many?", "answer": "1"}) + "\n{not json\n")
     shutil.copytree(tiny_model_dir, root / "model")
     _teach(root / "model", root / "images")
     yield root
@@ -112,14 +116,27 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-def test_build_writes_mmpr_the_trainer_reads(workspace: Path, capsys: pytest.CaptureFixture) -> None:
-    out = workspace / "out"
-    args = ["build", "--input", str(workspace / "questions.jsonl"), "--image-root", str(workspace / "images"),
-            "--out-dir", str(out), "--model", str(workspace / "model"), "--name", "shapes", "--batch-size", "2", *SAMPLING]
-    assert main(args) == 0
-    printed = capsys.readouterr().out
-    assert "questions: 5   samples: 30" in printed
+def _build_args(workspace: Path, out: Path, *extra: str) -> list[str]:
+    return ["build", "--input", str(workspace / "with_bad.jsonl"), "--image-root", str(workspace / "images"), "--skip-bad",
+            "--out-dir", str(out), "--model", str(workspace / "model"), "--name", "shapes", *SAMPLING, *extra]
 
+
+@pytest.fixture(scope="module")
+def built(workspace: Path) -> Path:
+    out = workspace / "out"
+    assert main(_build_args(workspace, out, "--batch-size", "2")) == 0
+    return out
+
+
+def test_build_writes_mmpr_the_trainer_reads(workspace: Path, built: Path, capsys: pytest.CaptureFixture) -> None:
+    out = built
+    summary = json.loads((out / "work" / "shapes" / "summary.json").read_text())
+    assert (summary["questions"], summary["samples"]) == (5, 30)
+    assert summary["bad_inputs"] == [
+        f"{workspace / 'with_bad.jsonl'}:6: image: image not found: {workspace / 'images' / 'missing.png'}",
+        f"{workspace / 'with_bad.jsonl'}:7: line: malformed JSON (Expecting property name enclosed in double quotes at column 2)",
+    ]
+    assert [r["message"] for r in _lines(out / "work" / "shapes" / "bad_inputs.jsonl")] == summary["bad_inputs"]
     meta = json.loads((out / "meta.json").read_text())
     assert sorted(meta) == ["shapes_pairs_vqa_correctness_rules", "shapes_pairs_vqa_format_rules", "shapes_prefix_pair_sr0.5_wo_image"]
     matched = {r["id"]: r for r in _lines(out / "work" / "shapes" / "matched.jsonl")}
@@ -159,8 +176,6 @@ def test_build_writes_mmpr_the_trainer_reads(workspace: Path, capsys: pytest.Cap
     assert len(ntp) == 1 and ntp[0]["image"] == "a.png" and ntp[0]["question"] == prompts["q4"]
     assert ntp[0]["rejected"].startswith(ntp[0]["rejected_meta"]["prefix"])
     assert ntp[0]["chosen"].startswith(ntp[0]["rejected_meta"]["prefix"])
-    summary = json.loads((out / "work" / "shapes" / "summary.json").read_text())
-    assert (summary["questions"], summary["samples"]) == (5, 30)
     assert summary["subsets"]["shapes_pairs_vqa_correctness_rules"]["pairs"] == len(correctness)
 
     # The trainer's reader accepts every line and encodes it with the model's processor.
@@ -178,8 +193,48 @@ def test_build_writes_mmpr_the_trainer_reads(workspace: Path, capsys: pytest.Cap
 
     # Rerunning the finished build generates nothing and rewrites identical files.
     before = {p.name: p.read_bytes() for p in (out / "annotations").iterdir()}
-    assert main(args) == 0
+    assert main(_build_args(workspace, out, "--batch-size", "2")) == 0
+    assert "questions: 5   samples: 30   parse failures: " in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in (out / "annotations").iterdir()} == before
+
+
+def _annotations(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "annotations").iterdir())}
+
+
+def test_stage_commands_reproduce_build(workspace: Path, built: Path, tmp_path: Path) -> None:
+    """sample -> match -> dropout-ntp -> pair, run one by one, write what build wrote."""
+    images, model = str(workspace / "images"), str(workspace / "model")
+    samples, matched, ntp, out = tmp_path / "s.jsonl", tmp_path / "m.jsonl", tmp_path / "n.jsonl", tmp_path / "out"
+    generation = ["--model", model, "--batch-size", "2", *SAMPLING]
+    assert main(["sample", "--input", str(workspace / "with_bad.jsonl"), "--image-root", images, "--name", "shapes",
+                 "--skip-bad", "--out", str(samples), *generation]) == 0
+    assert main(["match", "--samples", str(samples), "--out", str(matched), "--no-progress"]) == 0
+    ntp_flags = [a for a in generation if a not in PROMPT_FLAGS and a != "--num-samples" and a != "6"]
+    assert main(["dropout-ntp", "--samples", str(samples), "--out", str(ntp), *ntp_flags]) == 0
+    assert main(["pair", "--matched", str(matched), "--ntp", str(ntp), "--image-root", images, "--out-dir", str(out)]) == 0
+    assert _annotations(out) == _annotations(built)
+    assert json.loads((out / "meta.json").read_text()).keys() == json.loads((built / "meta.json").read_text()).keys()
+    assert _lines(tmp_path / "m.resample.jsonl") == _lines(built / "work" / "shapes" / "resample.jsonl")
+
+
+def test_sharded_build_equals_unsharded(workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Two workers (--shard 0/2, 1/2): the last to finish writes exactly the single-worker output.
+
+    With --batch-size 1 every question is sampled alone with its own seed, so which worker (and
+    which batch) it lands in cannot change its responses.
+    """
+    assert main(_build_args(workspace, tmp_path / "one", "--batch-size", "1")) == 0
+    capsys.readouterr()
+    assert main(_build_args(workspace, tmp_path / "two", "--batch-size", "1", "--shard", "0/2")) == 0
+    assert "other shards still have work" in capsys.readouterr().err
+    assert not (tmp_path / "two" / "meta.json").exists()
+    assert main(_build_args(workspace, tmp_path / "two", "--batch-size", "1", "--shard", "1/2")) == 0
+    assert "wrote " in capsys.readouterr().out
+    logs = sorted(p.name for p in (tmp_path / "two" / "work" / "shapes").glob("samples.*.jsonl"))
+    assert logs == ["samples.shard-0-of-2.jsonl", "samples.shard-1-of-2.jsonl"]
+    assert all(read_log(tmp_path / "two" / "work" / "shapes" / name) for name in logs)  # both shards had work
+    assert _annotations(tmp_path / "two") == _annotations(tmp_path / "one")
 
 
 def test_dropout_ntp_continues_without_the_image(workspace: Path, tmp_path: Path) -> None:
