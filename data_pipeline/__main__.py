@@ -1,4 +1,4 @@
-"""``mpo-data``: build MMPR preference data (or ``python -m data_pipeline``).
+"""mpo-data: build MMPR preference data for MPO (also: python -m data_pipeline).
 
     mpo-data build --input questions.jsonl --image-root images/ --out-dir mmpr/ --model ckpt/
     mpo-data sample --input questions.jsonl --out samples.jsonl --model ckpt/ [--shard 0/4]
@@ -18,11 +18,10 @@ import json
 import sys
 import traceback
 
-from mpo.errors import DataError
-
 from data_pipeline.backends import BackendError
 from data_pipeline.records import ResumeError
 from data_pipeline.sharding import ShardSpec
+from mpo.errors import DataError
 
 
 def _json_object(text: str) -> dict:
@@ -73,7 +72,8 @@ def add_generation_args(p: argparse.ArgumentParser, temperature: float) -> None:
     g.add_argument("--max-new-tokens", type=int, default=1024)
     g.add_argument("--max-tiles", type=int, default=6, help="InternVL max_dynamic_patch (12 for charts/documents)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch-size", type=int, default=4, help="questions per generate call (openai: per concurrent wave)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="questions per generate call (default 4; openai backend: questions in flight, default 2 x --concurrency)")
     g.add_argument("--shard", type=_shard, default=ShardSpec(), help="i/N: this worker's share (0-based i)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     b = p.add_argument_group("backend")
@@ -112,32 +112,36 @@ def add_ntp_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     g.add_argument(f"--{prefix}pairs-per-question", dest="ntp_pairs_per_question", type=int, default=1)
 
 
+class Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default in --help."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpo-data", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--debug", action="store_true", help="show tracebacks for unexpected errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("sample", help="sample K CoT responses per question (resumable, shardable)")
+    p = sub.add_parser("sample", formatter_class=Defaults, help="sample K CoT responses per question (resumable, shardable)")
     add_input_args(p)
     add_prompt_args(p)
     add_generation_args(p, temperature=1.0)
     p.add_argument("--num-samples", type=int, default=8, help="responses per question (K)")
     p.add_argument("--out", required=True, help="sample log (JSONL); rerun to resume")
 
-    p = sub.add_parser("match", help="extract and judge each response")
+    p = sub.add_parser("match", formatter_class=Defaults, help="extract and judge each response")
     p.add_argument("--samples", nargs="+", required=True, help="sample logs (all shards)")
     p.add_argument("--out", required=True)
     add_match_args(p)
     p.add_argument("--no-progress", action="store_true")
 
-    p = sub.add_parser("dropout-ntp", help="continue half of a response without the image (resumable)")
+    p = sub.add_parser("dropout-ntp", formatter_class=Defaults, help="continue half of a response without the image (resumable)")
     p.add_argument("--samples", nargs="+", required=True, help="sample logs (questions without an answer are used)")
     p.add_argument("--out", required=True, help="continuation log (JSONL); rerun to resume")
     add_ntp_args(p)
     add_generation_args(p, temperature=1.0)
 
-    p = sub.add_parser("pair", help="build pairs and write the MMPR annotations and meta.json")
+    p = sub.add_parser("pair", formatter_class=Defaults, help="build pairs and write the MMPR annotations and meta.json")
     p.add_argument("--matched", required=True, help="output of match")
     p.add_argument("--ntp", nargs="*", default=[], help="continuation logs of dropout-ntp")
     p.add_argument("--image-root", required=True, help="written to meta.json as the subsets' root")
@@ -147,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resample-out", help="where all-wrong questions go (default: <matched>.resample.jsonl)")
     add_pair_args(p)
 
-    p = sub.add_parser("build", help="sample, match, dropout-ntp and pair in one resumable run")
+    p = sub.add_parser("build", formatter_class=Defaults, help="sample, match, dropout-ntp and pair in one resumable run")
     add_input_args(p)
     add_prompt_args(p)
     add_generation_args(p, temperature=1.0)
@@ -157,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_pair_args(p)
     add_ntp_args(p, prefix="ntp-")
 
-    p = sub.add_parser("serve", help="OpenAI-compatible chat-completions server over a checkpoint")
+    p = sub.add_parser("serve", formatter_class=Defaults, help="OpenAI-compatible chat-completions server over a checkpoint")
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on start)")

@@ -304,7 +304,8 @@ class OpenAIBackend:
             reply = self._call("POST", "/chat/completions", self.payload(request, params, n, seed))
             choices = sorted(reply.get("choices") or [], key=lambda choice: choice.get("index", 0))
             if len(choices) != n:
-                raise BackendError(f"asked the server for n={n} choices, got {len(choices)} (set --samples-per-request 1 for servers without n)")
+                raise BackendError(f"asked the server for n={n} choices, got {len(choices)} "
+                                   "(set --samples-per-request 1 for servers without n)")
             for choice in choices:
                 texts.append((choice.get("message") or {}).get("content") or "")
                 reasons.append(choice.get("finish_reason") or "stop")

@@ -22,8 +22,6 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mpo.errors import DataError
-
 from data_pipeline.dropout_ntp import NTPSettings, continue_without_image, needs_ntp, ntp_pairs, subset_suffix
 from data_pipeline.judging import MatchStats, match_records, merge_sample_logs
 from data_pipeline.mmpr import group_by_dataset, write_mmpr
@@ -31,6 +29,7 @@ from data_pipeline.pairs import CORRECTNESS_SUFFIX, FORMAT_SUFFIX, PairStats, bu
 from data_pipeline.records import FileLock, Question, read_log, write_json_atomic, write_jsonl_atomic
 from data_pipeline.sample import SampleSettings, sample_questions
 from data_pipeline.sharding import ShardSpec
+from mpo.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -63,8 +63,15 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _batch_size(args: argparse.Namespace) -> int:
+    if args.batch_size is not None:
+        return args.batch_size
+    # A local model batches what it is given; a server batches across requests, so keep it busy.
+    return 4 if args.backend == "transformers" else 2 * max(1, args.concurrency)
+
+
 def _sampling(args: argparse.Namespace) -> SamplingParams:
-    if args.max_new_tokens < 1 or args.max_tiles < 1 or args.batch_size < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+    if args.max_new_tokens < 1 or args.max_tiles < 1 or _batch_size(args) < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ValueError("need --max-new-tokens, --max-tiles, --batch-size >= 1, --temperature >= 0, 0 < --top-p <= 1")
     return SamplingParams(args.temperature, args.top_p, args.top_k, args.max_new_tokens, args.max_tiles)
 
@@ -73,11 +80,11 @@ def _sample_settings(args: argparse.Namespace) -> SampleSettings:
     if args.num_samples < 1:
         raise ValueError("--num-samples must be at least 1")
     template = get_template(args.prompt, args.template, args.answer_format)
-    return SampleSettings(template, args.num_samples, _sampling(args), args.seed, args.batch_size)
+    return SampleSettings(template, args.num_samples, _sampling(args), args.seed, _batch_size(args))
 
 
 def _ntp_settings(args: argparse.Namespace) -> NTPSettings:
-    return NTPSettings(args.ntp_ratio, args.ntp_pairs_per_question, _sampling(args), args.seed, args.batch_size)
+    return NTPSettings(args.ntp_ratio, args.ntp_pairs_per_question, _sampling(args), args.seed, _batch_size(args))
 
 
 def _questions(args: argparse.Namespace):

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 
 from data_pipeline.backends import GenerationRequest, SamplingParams
 from data_pipeline.extract import extract_answer
-from data_pipeline.pairs import Pair
 from data_pipeline.generation import LoopStats, WorkItem, fingerprint, run_resumable
+from data_pipeline.pairs import Pair
 from data_pipeline.prompts import drop_image_placeholders
 from data_pipeline.records import AppendLog
 from data_pipeline.sharding import ShardSpec, derive_seed

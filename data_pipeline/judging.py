@@ -12,10 +12,9 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from mpo.errors import DataError
-
 from data_pipeline.extract import extract_answer
 from data_pipeline.match import CORRECT_THRESHOLD, judge, modes_for_dataset
+from mpo.errors import DataError
 
 
 @dataclass

@@ -13,10 +13,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from mpo.errors import DataError
-
 from data_pipeline.pairs import Pair, deduplicate
 from data_pipeline.records import FileLock, write_json_atomic, write_jsonl_atomic
+from mpo.errors import DataError
 
 
 def write_subset(out_dir: str | os.PathLike, name: str, pairs: Sequence[Pair]) -> tuple[Path | None, int, int]:

@@ -115,6 +115,12 @@ def _chosen_text(record: dict, index: int, answer_fix: bool) -> str:
     return fix_answer(response, extraction, truth)
 
 
+def _pair(record: dict, chosen: int, rejected: int, answer_fix: bool) -> Pair:
+    extra = {"answer_gt": record["answer"], "chosen_meta": _meta(record, chosen), "rejected_meta": _meta(record, rejected)}
+    return Pair(record["dataset"], tuple(record["image"]), record["prompt"], _chosen_text(record, chosen, answer_fix),
+                record["responses"][rejected], record["line"], extra)
+
+
 def build_answer_pairs(matched: Sequence[dict], max_pairs: int = 15, seed: int = 0, answer_fix: bool = False) -> AnswerPairs:
     """Correctness and format pairs from match-stage records (those with a ground truth)."""
     result = AnswerPairs()
@@ -139,11 +145,6 @@ def build_answer_pairs(matched: Sequence[dict], max_pairs: int = 15, seed: int =
             stats.all_correct += 1
             continue
 
-        def pair(c: int, r: int) -> Pair:
-            extra = {"answer_gt": record["answer"], "chosen_meta": _meta(record, c), "rejected_meta": _meta(record, r)}
-            return Pair(record["dataset"], tuple(record["image"]), record["prompt"], _chosen_text(record, c, answer_fix),
-                        responses[r], record["line"], extra)
-
         candidates = []
         for c in correct:
             for r in incorrect:
@@ -153,11 +154,11 @@ def build_answer_pairs(matched: Sequence[dict], max_pairs: int = 15, seed: int =
                     continue
                 candidates.append((c, r))
         kept = _cap(candidates, max_pairs, derive_seed(seed, "pairs", record["id"]))
-        result.correctness.extend(pair(c, r) for c, r in kept)
+        result.correctness.extend(_pair(record, c, r, answer_fix) for c, r in kept)
         stats.correctness_pairs += len(kept)
         candidates = [(c, r) for c in correct for r in unparsable]
         kept = _cap(candidates, max_pairs, derive_seed(seed, "format-pairs", record["id"]))
-        result.format.extend(pair(c, r) for c, r in kept)
+        result.format.extend(_pair(record, c, r, answer_fix) for c, r in kept)
         stats.format_pairs += len(kept)
     return result
 

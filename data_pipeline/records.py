@@ -242,7 +242,8 @@ def read_log(path: str | os.PathLike) -> list[dict]:
         try:
             records.append(json.loads(text))
         except json.JSONDecodeError as error:
-            raise DataError(f"corrupt log line ({error.msg}); delete the file to start this stage over", file=str(path), line=number) from None
+            raise DataError(f"corrupt log line ({error.msg}); delete the file to start this stage over",
+                            file=str(path), line=number) from None
     return records
 
 

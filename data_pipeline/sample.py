@@ -19,13 +19,12 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from mpo.errors import DataError
-
 from data_pipeline.backends import GenerationRequest, SamplingParams
 from data_pipeline.generation import LoopStats, WorkItem, fingerprint, run_resumable
 from data_pipeline.prompts import PromptTemplate, build_cot_prompt
 from data_pipeline.records import AppendLog, Question
 from data_pipeline.sharding import ShardSpec, derive_seed
+from mpo.errors import DataError
 
 
 @dataclass(frozen=True)

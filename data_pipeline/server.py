@@ -25,11 +25,10 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from mpo.errors import DataError
-from mpo.inputs import load_image
-
 from data_pipeline.backends import GenerationRequest, SamplingParams, TransformersBackend
 from data_pipeline.prompts import IMAGE_PLACEHOLDER
+from mpo.errors import DataError
+from mpo.inputs import load_image
 
 
 class RequestError(ValueError):

@@ -44,7 +44,8 @@ TARGETS = ["I count the shapes.\nFinal answer: 3", "I count the shapes.\nFinal a
 IMAGES = ["a.png", "b.png", "c.png"]
 QUESTIONS = [
     {"id": "q1", "image": "a.png", "question": "How many shapes are there?", "answer": "3"},
-    {"id": "q2", "image": "b.png", "question": "How many shapes are there?\nAnswer the question using a single word or phrase.", "answer": "4"},
+    {"id": "q2", "image": "b.png", "answer": "4",
+     "question": "How many shapes are there?\nAnswer the question using a single word or phrase."},
     {"id": "q3", "image": "c.png", "question": "<image>\nHow many shapes are there?", "answer": ["three"]},
     {"id": "q4", "image": "a.png", "question": "Describe the image."},
     {"id": "q5", "images": ["a.png", "c.png"], "question": "How many shapes are there?", "answer": "4"},

@@ -45,6 +45,11 @@ def judged(records: list[dict]) -> list[dict]:
     return [judge_record(r, None) for r in records]
 
 
+def indices(pairs: list) -> list[tuple[int, int]]:
+    """(chosen, rejected) response indices of each pair."""
+    return [(p.extra["chosen_meta"]["index"], p.extra["rejected_meta"]["index"]) for p in pairs]
+
+
 def test_pair_counts_on_hand_made_responses() -> None:
     """q1: correct {0, 1} x incorrect {3, 6} = 4 pairs (4 is skipped twice); format: {0, 1} x {5} = 2.
 
@@ -57,8 +62,8 @@ def test_pair_counts_on_hand_made_responses() -> None:
         sample_record("q4", None, ["Some text here.\nFinal answer: cat"], 4),
     ])
     result = build_answer_pairs(records, max_pairs=15, seed=0)
-    assert [(p.extra["chosen_meta"]["index"], p.extra["rejected_meta"]["index"]) for p in result.correctness] == [(0, 3), (0, 6), (1, 3), (1, 6)]
-    assert [(p.extra["chosen_meta"]["index"], p.extra["rejected_meta"]["index"]) for p in result.format] == [(0, 5), (1, 5)]
+    assert indices(result.correctness) == [(0, 3), (0, 6), (1, 3), (1, 6)]
+    assert indices(result.format) == [(0, 5), (1, 5)]
     stats = result.stats["toy"]
     assert (stats.questions, stats.all_correct, stats.all_wrong, stats.substring_skipped) == (3, 1, 1, 2)
     assert (stats.correctness_pairs, stats.format_pairs) == (4, 2)
@@ -75,8 +80,7 @@ def test_pair_cap_is_a_seeded_sample() -> None:
     records = judged([sample_record("q", "1", responses, 1)])
 
     def picked(seed: int) -> list[tuple[int, int]]:
-        pairs = build_answer_pairs(records, max_pairs=15, seed=seed).correctness
-        return [(p.extra["chosen_meta"]["index"], p.extra["rejected_meta"]["index"]) for p in pairs]
+        return indices(build_answer_pairs(records, max_pairs=15, seed=seed).correctness)
 
     # "1" is a substring of "21": the pairs (c, 6) are skipped, leaving 5 x 4 = 20 candidates.
     assert len(picked(0)) == 15
@@ -160,7 +164,8 @@ def test_ntp_choice_prefers_well_formed_and_pairs_join_prefix() -> None:
 def test_prompts() -> None:
     v1 = get_template("v1")
     assert strip_short_answer_instruction("How many?\nAnswer the question using a single word or phrase.") == "How many?"
-    assert strip_short_answer_instruction("Pick one.\nA. x\nB. y\nAnswer with the option's letter from the given choices directly.") == "Pick one.\nA. x\nB. y"
+    options = "Pick one.\nA. x\nB. y"
+    assert strip_short_answer_instruction(options + "\nAnswer with the option's letter from the given choices directly.") == options
     assert strip_short_answer_instruction("Is it red? Please answer yes or no.") == "Is it red?"
     assert strip_short_answer_instruction("Answer the question carefully: what is it?") == "Answer the question carefully: what is it?"
     assert build_cot_prompt("<image>\nHow many?", 1, v1) == "<image>\n" + v1.fill("How many?")
@@ -228,10 +233,11 @@ def test_cli_bad_image_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureF
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
     (tmp_path / "broken.png").write_bytes(b"not a png")
     questions = tmp_path / "q.jsonl"
-    questions.write_text('{"image": "broken.png", "question": "Q?", "answer": "1"}\n{"image": "gone.png", "question": "Q?", "answer": "1"}\n'
-                         '{"image": "ok.png", "question": "Q?", "answer": "1"}\n')
+    questions.write_text("".join(json.dumps({"image": name, "question": "Q?", "answer": "1"}) + "\n"
+                                 for name in ["broken.png", "gone.png", "ok.png"]))
     model = tmp_path / "no-model"
-    args = ["sample", "--input", str(questions), "--out", str(tmp_path / "s.jsonl"), "--model", str(model), "--no-progress", "--batch-size", "1"]
+    args = ["sample", "--input", str(questions), "--out", str(tmp_path / "s.jsonl"), "--model", str(model),
+            "--no-progress", "--batch-size", "1"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
