@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", help="the training recipe (YAML)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for training")
     parser.add_argument("--out", type=Path, default=None, help="output file (default: next to the data)")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     compute(load_recipe(args.recipe, args.overrides), args.out)
     return 0
 
