@@ -12,8 +12,9 @@ Layout under ``OUT`` (``<name>`` defaults to the input file's stem)::
     OUT/work/<name>/summary.json                   the final summary
 
 With ``--shard i/N`` a worker runs the generation stages for its shard; whichever worker finds
-every shard's logs complete writes the dataset (or run ``build`` once more without ``--shard``
-to force that step: with every log complete, it generates nothing).
+every shard's logs complete writes the dataset. Rerunning any worker's command once all are done
+also writes it (its log is complete, so it generates nothing). Workers must share ``OUT`` (a
+shared filesystem) and every setting except ``--shard``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from data_pipeline.dropout_ntp import NTPSettings, continue_without_image, needs
 from data_pipeline.judging import MatchStats, match_records, merge_sample_logs
 from data_pipeline.mmpr import group_by_dataset, write_mmpr
 from data_pipeline.pairs import CORRECTNESS_SUFFIX, FORMAT_SUFFIX, PairStats, build_answer_pairs
-from data_pipeline.records import FileLock, Question, read_log, write_json_atomic, write_jsonl_atomic
+from data_pipeline.records import FileLock, Question, SampleRecord, read_log, split_skipped, write_json_atomic, write_jsonl_atomic
 from data_pipeline.sample import SampleSettings, sample_questions
 from data_pipeline.sharding import ShardSpec
 from mpo.errors import DataError
@@ -89,11 +90,11 @@ def dataset_summary(match_stats: dict[str, MatchStats], pair_stats: dict[str, Pa
     return out
 
 
-def assemble(matched: list[dict], ntp_records: list[dict], match_stats: dict[str, MatchStats], out_dir: Path,
+def assemble(matched: list[SampleRecord], ntp_records: list[dict], match_stats: dict[str, MatchStats], out_dir: Path,
              image_root: Path, resample_path: Path, pair_settings: PairSettings, ntp_ratio: float) -> Summary:
     """Pairs, annotations, meta.json, the re-sample file and the summary, from judged records."""
     answer_pairs = build_answer_pairs(matched, pair_settings.max_pairs, pair_settings.seed, pair_settings.answer_fix)
-    by_id = {r["id"]: r for r in matched}
+    by_id = {r.id: r for r in matched}
     unknown = [r["id"] for r in ntp_records if r["id"] not in by_id]
     if unknown:
         raise DataError(f"Dropout-NTP log holds ids that no sample record has (e.g. {unknown[0]!r}); wrong --samples/--ntp pairing?")
@@ -105,7 +106,7 @@ def assemble(matched: list[dict], ntp_records: list[dict], match_stats: dict[str
         # other settings is removed instead of lingering in meta.json.
         subsets[dataset + CORRECTNESS_SUFFIX] = []
         subsets[dataset + FORMAT_SUFFIX] = []
-        if any(r["dataset"] == dataset and needs_ntp(r) for r in matched):
+        if any(r.dataset == dataset and needs_ntp(r) for r in matched):
             subsets[dataset + ntp_suffix] = []
     for suffix, pairs in ((CORRECTNESS_SUFFIX, answer_pairs.correctness), (FORMAT_SUFFIX, answer_pairs.format), (ntp_suffix, ntp)):
         for name, group in group_by_dataset(pairs, suffix).items():
@@ -152,8 +153,8 @@ def _missing(paths: BuildPaths, shard: ShardSpec, questions: list[Question]) -> 
     ntp_done = {r["id"] for r in ntp_records}
     missing = 0
     for question in questions:
-        record = sampled.get(question.id)
-        if record is None or (needs_ntp(record) and question.id not in ntp_done):
+        line = sampled.get(question.id)
+        if line is None or ("skipped" not in line and line["answer"] is None and question.id not in ntp_done):
             missing += 1
     return missing, sample_logs, ntp_records
 
@@ -177,20 +178,21 @@ def run_build(
     # Inputs skipped here land in the log as "skipped" records, which the summary reads back.
     sample_questions(questions, image_root, backend, sample_settings, paths.sample_log(shard),
                                      shard, skip_bad, progress)
-    continue_without_image(read_log(paths.sample_log(shard)), backend, ntp_settings, paths.ntp_log(shard), shard, progress)
+    sampled, _ = split_skipped(read_log(paths.sample_log(shard)))
+    continue_without_image(sampled, backend, ntp_settings, paths.ntp_log(shard), shard, progress)
 
     with FileLock(paths.work_dir / ".finalize.lock"):
         missing, sample_logs, ntp_records = _missing(paths, shard, questions)
         if missing:
             return None
-        records = merge_sample_logs(sample_logs)
+        records, skipped = split_skipped(merge_sample_logs(sample_logs))
         # Bad lines of the input (found when reading it) and bad inputs the sample stage skipped.
         bad = sorted([{"line": e.line, "message": str(e)} for e in bad_lines]
-                     + [{"line": r["line"], "id": r["id"], "message": r["skipped"]} for r in records if "skipped" in r],
+                     + [{"line": r["line"], "id": r["id"], "message": r["skipped"]} for r in skipped],
                      key=lambda b: b["line"])
         write_jsonl_atomic(paths.work_dir / "bad_inputs.jsonl", bad)
         matched, match_stats = match_records(records, modes, threshold, progress)
-        write_jsonl_atomic(paths.work_dir / "matched.jsonl", matched)
+        write_jsonl_atomic(paths.work_dir / "matched.jsonl", (r.to_json() for r in matched))
         summary = assemble(matched, ntp_records, match_stats, paths.out_dir, image_root, paths.work_dir / "resample.jsonl",
                            pair_settings, ntp_settings.ratio)
         summary.bad_inputs = [b["message"] for b in bad]

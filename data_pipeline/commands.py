@@ -13,7 +13,7 @@ from data_pipeline.dropout_ntp import NTPSettings, continue_without_image
 from data_pipeline.judging import match_records, merge_sample_logs, tally
 from data_pipeline.match import parse_modes
 from data_pipeline.prompts import get_template
-from data_pipeline.records import iter_jsonl, read_log, read_questions, write_jsonl_atomic
+from data_pipeline.records import SampleRecord, iter_jsonl, read_log, read_questions, split_skipped, write_jsonl_atomic
 from data_pipeline.sample import SampleSettings, sample_questions
 
 
@@ -118,9 +118,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_match(args: argparse.Namespace) -> int:
-    records = merge_sample_logs(_read_logs(args.samples))
+    records, _ = split_skipped(merge_sample_logs(_read_logs(args.samples)))
     matched, stats = match_records(records, parse_modes(args.mode), args.threshold, not args.no_progress)
-    write_jsonl_atomic(args.out, matched)
+    write_jsonl_atomic(args.out, (r.to_json() for r in matched))
     for name, s in sorted(stats.items()):
         accuracy = "-" if s.accuracy is None else f"{100 * s.accuracy:.1f}%"
         _log(f"match: {name}: {s.questions} questions, {s.samples} samples, {s.parse_failures} unparsable, "
@@ -130,7 +130,7 @@ def cmd_match(args: argparse.Namespace) -> int:
 
 
 def cmd_dropout_ntp(args: argparse.Namespace) -> int:
-    records = merge_sample_logs(_read_logs(args.samples))
+    records, _ = split_skipped(merge_sample_logs(_read_logs(args.samples)))
     backend = LazyBackend(args)
     try:
         stats = continue_without_image(records, backend, _ntp_settings(args), args.out, args.shard, not args.no_progress)
@@ -142,7 +142,7 @@ def cmd_dropout_ntp(args: argparse.Namespace) -> int:
 
 
 def cmd_pair(args: argparse.Namespace) -> int:
-    matched = [record for _, record in iter_jsonl(args.matched)]
+    matched = [SampleRecord.from_json(value) for _, value in iter_jsonl(args.matched)]
     ntp_records = [r for _, records in _read_logs(args.ntp) for r in records]
     stats = tally(matched)
     out_dir = Path(args.out_dir)
@@ -168,7 +168,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         backend.close()
     if summary is None:
         _log(f"build: shard {args.shard.tag} is done; other shards still have work. The last shard to finish "
-             f"writes {paths.out_dir}/meta.json (or rerun this command without --shard once they are all done).")
+             f"writes {paths.out_dir}/meta.json (rerunning any shard's command after all finished does it too).")
         return 0
     print(summary.render())
     print(f"wrote {paths.out_dir / 'meta.json'}")

@@ -7,8 +7,8 @@ What it then writes is less grounded, so ``prefix + continuation`` is the reject
 (MPO paper, section 3.2; ratio 0.5 worked best, 0.25 and 0.75 worse).
 
 Each log line (one per question): ``{"id", "dataset", "line", "continuations": [{"chosen_index",
-"prefix", "continuation", "finish_reason"}], "config"}``, or ``{..., "skipped": reason}`` when no
-response is long enough to cut.
+"prefix", "continuation", "finish_reason"}] (see :class:`Continuation`), "config"}``, or
+``{..., "skipped": reason}`` when no response is long enough to cut.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from data_pipeline.extract import extract_answer
 from data_pipeline.generation import LoopStats, WorkItem, fingerprint, run_resumable
 from data_pipeline.pairs import Pair
 from data_pipeline.prompts import drop_image_placeholders
-from data_pipeline.records import AppendLog
+from data_pipeline.records import AppendLog, SampleRecord
 from data_pipeline.sharding import ShardSpec, derive_seed
 
 
@@ -57,36 +57,36 @@ def truncate_words(text: str, ratio: float) -> str | None:
     return text[: words[keep - 1].end()]
 
 
-def needs_ntp(record: dict) -> bool:
+def needs_ntp(record: SampleRecord) -> bool:
     """Sampled questions without a checkable answer are Dropout-NTP's input."""
-    return "skipped" not in record and record.get("answer") is None
+    return record.answer is None
 
 
-def choose_responses(record: dict, settings: NTPSettings) -> list[tuple[int, str]]:
+def choose_responses(record: SampleRecord, settings: NTPSettings) -> list[tuple[int, str]]:
     """Picks up to ``pairs_per_question`` (index, prefix) chosen responses, seeded per question.
 
     Responses that follow the prompt's answer format come first: with no ground truth, a
     well-formed response is the best evidence of a good one.
     """
     candidates = []
-    for index, response in enumerate(record["responses"]):
+    for index, response in enumerate(record.responses):
         prefix = truncate_words(response, settings.ratio)
         if prefix is not None:
-            well_formed = extract_answer(response, record["answer_format"]).ok
+            well_formed = extract_answer(response, record.answer_format).ok
             candidates.append((not well_formed, index, prefix))
-    rng = random.Random(derive_seed(settings.seed, "ntp-choose", record["id"]))
+    rng = random.Random(derive_seed(settings.seed, "ntp-choose", record.id))
     rng.shuffle(candidates)
     candidates.sort(key=lambda c: c[0])  # stable: shuffled within each group, well-formed first
     return [(index, prefix) for _, index, prefix in candidates[: settings.pairs_per_question]]
 
 
-def continuation_request(record: dict, prefix: str, seed: int) -> GenerationRequest:
+def continuation_request(record: SampleRecord, prefix: str, seed: int) -> GenerationRequest:
     """The text-only request: no images, placeholders removed, the prefix opening the answer."""
-    return GenerationRequest(question=drop_image_placeholders(record["prompt"]), assistant_prefix=prefix, num_samples=1, seed=seed)
+    return GenerationRequest(question=drop_image_placeholders(record.prompt), assistant_prefix=prefix, num_samples=1, seed=seed)
 
 
 def continue_without_image(
-    records: Sequence[dict],
+    records: Sequence[SampleRecord],
     backend,
     settings: NTPSettings,
     log_path: str | os.PathLike,
@@ -94,15 +94,15 @@ def continue_without_image(
     progress: bool = True,
 ) -> LoopStats:
     """Generates the continuations for the shard's Dropout-NTP questions into ``log_path``."""
-    owned = [r for r in records if needs_ntp(r) and shard.owns(r["id"])]
-    by_id = {r["id"]: r for r in owned}
+    owned = [r for r in records if needs_ntp(r) and shard.owns(r.id)]
+    by_id = {r.id: r for r in owned}
     config = fingerprint({"stage": "dropout-ntp", **backend.describe(), **asdict(settings)})
 
     def prepare(record_id: str) -> WorkItem | dict:
         record = by_id[record_id]
         chosen = choose_responses(record, settings)
         if not chosen:
-            return {"id": record_id, "dataset": record["dataset"], "line": record["line"],
+            return {"id": record_id, "dataset": record.dataset, "line": record.line,
                     "skipped": f"no response with at least {math.ceil(1 / settings.ratio)} words to cut"}
         requests = tuple(
             continuation_request(record, prefix, derive_seed(settings.seed, "ntp", record_id, index))
@@ -116,35 +116,45 @@ def continue_without_image(
             {"chosen_index": index, "prefix": prefix, "continuation": g.texts[0], "finish_reason": g.finish_reasons[0]}
             for (index, prefix), g in zip(item.payload, generations)
         ]
-        return {"id": item.id, "dataset": record["dataset"], "line": record["line"], "continuations": continuations}
+        return {"id": item.id, "dataset": record.dataset, "line": record.line, "continuations": continuations}
 
     with AppendLog(log_path) as log:
         return run_resumable(
-            log, [r["id"] for r in owned], settings.batch_size, config, prepare,
+            log, [r.id for r in owned], settings.batch_size, config, prepare,
             lambda requests: backend.generate(requests, settings.params), finish,
             desc=f"dropout-ntp {shard.tag}" if shard.count > 1 else "dropout-ntp", progress=progress,
         )
 
 
-def ntp_pairs(records_by_id: dict[str, dict], ntp_records: Sequence[dict]) -> tuple[list[Pair], int]:
+@dataclass(frozen=True)
+class Continuation:
+    """One Dropout-NTP continuation, as logged: which response was cut, where, and what followed."""
+
+    chosen_index: int
+    prefix: str
+    continuation: str
+    finish_reason: str
+
+
+def ntp_pairs(records_by_id: dict[str, SampleRecord], ntp_lines: Sequence[dict]) -> tuple[list[Pair], int]:
     """Pairs from the continuation log; also returns how many continuations equal the chosen one.
 
     The pair is trained *with* the image: only the continuation was generated without it.
     """
     pairs, identical = [], 0
-    for ntp in ntp_records:
-        if "skipped" in ntp:
+    for line in ntp_lines:
+        if "skipped" in line:
             continue
-        record = records_by_id[ntp["id"]]
-        for item in ntp["continuations"]:
-            chosen = record["responses"][item["chosen_index"]]
-            rejected = item["prefix"] + item["continuation"]
+        record = records_by_id[line["id"]]
+        for item in (Continuation(**c) for c in line["continuations"]):
+            chosen = record.responses[item.chosen_index]
+            rejected = item.prefix + item.continuation
             if rejected == chosen:
                 identical += 1  # the model recovered the response exactly: no preference signal
                 continue
             extra = {
-                "chosen_meta": {"id": record["id"], "index": item["chosen_index"]},
-                "rejected_meta": {"id": record["id"], "prefix": item["prefix"], "finish_reason": item["finish_reason"]},
+                "chosen_meta": {"id": record.id, "index": item.chosen_index},
+                "rejected_meta": {"id": record.id, "prefix": item.prefix, "finish_reason": item.finish_reason},
             }
-            pairs.append(Pair(record["dataset"], tuple(record["image"]), record["prompt"], chosen, rejected, record["line"], extra))
+            pairs.append(Pair(record.dataset, tuple(record.image), record.prompt, chosen, rejected, record.line, extra))
     return pairs, identical

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from data_pipeline.extract import Extraction, fix_answer
+from data_pipeline.records import SampleRecord
 from data_pipeline.sharding import derive_seed
 
 CORRECTNESS_SUFFIX = "_pairs_vqa_correctness_rules"
@@ -95,69 +96,66 @@ def _cap(candidates: list, limit: int, seed: int) -> list:
     return [candidates[i] for i in picked]
 
 
-def _meta(record: dict, index: int) -> dict:
-    judgement = record["judgements"][index]
-    meta = {"id": record["id"], "index": index, "answer": judgement["answer"]}
-    if judgement["status"] == "unparsable":
-        meta["error"] = judgement["error"]
+def _meta(record: SampleRecord, index: int) -> dict:
+    judgement = record.judgements[index]
+    meta = {"id": record.id, "index": index, "answer": judgement.answer}
+    if judgement.status == "unparsable":
+        meta["error"] = judgement.error
     else:
-        meta.update(score=round(judgement["score"], 4), mode=judgement["mode"])
+        meta.update(score=round(judgement.score, 4), mode=judgement.mode)
     return meta
 
 
-def _chosen_text(record: dict, index: int, answer_fix: bool) -> str:
-    response = record["responses"][index]
+def _chosen_text(record: SampleRecord, index: int, answer_fix: bool) -> str:
+    response = record.responses[index]
     if not answer_fix:
         return response
-    judgement = record["judgements"][index]
-    truth = record["answer"] if isinstance(record["answer"], str) else record["answer"][0]
-    extraction = Extraction(judgement["answer"], None, judgement["start"], judgement["end"])
-    return fix_answer(response, extraction, truth)
+    judgement = record.judgements[index]
+    truth = record.answer if isinstance(record.answer, str) else record.answer[0]
+    return fix_answer(response, Extraction(judgement.answer, None, judgement.start, judgement.end), truth)
 
 
-def _pair(record: dict, chosen: int, rejected: int, answer_fix: bool) -> Pair:
-    extra = {"answer_gt": record["answer"], "chosen_meta": _meta(record, chosen), "rejected_meta": _meta(record, rejected)}
-    return Pair(record["dataset"], tuple(record["image"]), record["prompt"], _chosen_text(record, chosen, answer_fix),
-                record["responses"][rejected], record["line"], extra)
+def _pair(record: SampleRecord, chosen: int, rejected: int, answer_fix: bool) -> Pair:
+    extra = {"answer_gt": record.answer, "chosen_meta": _meta(record, chosen), "rejected_meta": _meta(record, rejected)}
+    return Pair(record.dataset, tuple(record.image), record.prompt, _chosen_text(record, chosen, answer_fix),
+                record.responses[rejected], record.line, extra)
 
 
-def build_answer_pairs(matched: Sequence[dict], max_pairs: int = 15, seed: int = 0, answer_fix: bool = False) -> AnswerPairs:
-    """Correctness and format pairs from match-stage records (those with a ground truth)."""
+def build_answer_pairs(matched: Sequence[SampleRecord], max_pairs: int = 15, seed: int = 0, answer_fix: bool = False) -> AnswerPairs:
+    """Correctness and format pairs from judged records (those with a ground truth)."""
     result = AnswerPairs()
     for record in matched:
-        if "skipped" in record or record.get("answer") is None:
+        if record.answer is None:
             continue
-        stats = result.stats[record["dataset"]]
+        stats = result.stats[record.dataset]
         stats.questions += 1
-        responses = record["responses"]
-        status = [j["status"] for j in record["judgements"]]
-        correct = _unique((i for i, s in enumerate(status) if s == "correct"), responses)
-        incorrect = _unique((i for i, s in enumerate(status) if s == "incorrect"), responses)
-        unparsable = _unique((i for i, s in enumerate(status) if s == "unparsable"), responses)
+        status = [j.status for j in record.judgements]
+        correct = _unique((i for i, s in enumerate(status) if s == "correct"), record.responses)
+        incorrect = _unique((i for i, s in enumerate(status) if s == "incorrect"), record.responses)
+        unparsable = _unique((i for i, s in enumerate(status) if s == "unparsable"), record.responses)
         if not correct:
             stats.all_wrong += 1
-            line = {"id": record["id"], "dataset": record["dataset"], "question": record["question"], "answer": record["answer"]}
-            if record["image"]:
-                line["image"] = record["image"][0] if len(record["image"]) == 1 else record["image"]
+            line = {"id": record.id, "dataset": record.dataset, "question": record.question, "answer": record.answer}
+            if record.image:
+                line["image"] = record.image[0] if len(record.image) == 1 else record.image
             result.resample.append(line)
             continue
         if not incorrect and not unparsable:
             stats.all_correct += 1
             continue
-
         candidates = []
         for c in correct:
             for r in incorrect:
                 # Official rule: "3" vs "13" or "red" vs "red and blue" may be a judging error.
-                if record["judgements"][c]["answer"].lower() in record["judgements"][r]["answer"].lower():
+                if record.judgements[c].answer.lower() in record.judgements[r].answer.lower():
                     stats.substring_skipped += 1
                     continue
                 candidates.append((c, r))
-        kept = _cap(candidates, max_pairs, derive_seed(seed, "pairs", record["id"]))
+        kept = _cap(candidates, max_pairs, derive_seed(seed, "pairs", record.id))
         result.correctness.extend(_pair(record, c, r, answer_fix) for c, r in kept)
         stats.correctness_pairs += len(kept)
         candidates = [(c, r) for c in correct for r in unparsable]
-        kept = _cap(candidates, max_pairs, derive_seed(seed, "format-pairs", record["id"]))
+        kept = _cap(candidates, max_pairs, derive_seed(seed, "format-pairs", record.id))
         result.format.extend(_pair(record, c, r, answer_fix) for c, r in kept)
         stats.format_pairs += len(kept)
     return result

@@ -6,12 +6,13 @@ so the CLI can print one line instead of a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,66 @@ class Question:
     answer: str | list[str] | None
     line: int  # 1-based line in ``file``; messages and ordering use it
     file: str
+
+
+@dataclass
+class ResponseJudgement:
+    """The match stage's verdict on one response.
+
+    ``status`` is ``correct``, ``incorrect``, ``unparsable`` (failed the format checks: a format
+    negative) or ``unchecked`` (parsed, but the question has no ground truth). ``start``/``end``
+    locate ``answer`` in the response, for the answer fix.
+    """
+
+    status: str
+    answer: str | None
+    start: int = -1
+    end: int = -1
+    score: float = 0.0
+    mode: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class SampleRecord:
+    """One question and its sampled responses: a sample-log line; with judgements, a matched.jsonl line."""
+
+    id: str
+    dataset: str
+    line: int
+    image: list[str]  # relative to the image root
+    question: str  # as in the input
+    prompt: str  # the CoT user turn sent to the model, with <image> placeholders
+    answer: str | list[str] | None
+    answer_format: str
+    responses: list[str]
+    finish_reasons: list[str]
+    modes: list[str] = field(default_factory=list)  # set by the match stage
+    judgements: list[ResponseJudgement] = field(default_factory=list)  # one per response, match stage
+
+    @classmethod
+    def from_json(cls, value: dict) -> SampleRecord:
+        """Reads a log line (extra keys such as ``config`` are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"judgements"}
+        judgements = [ResponseJudgement(**j) for j in value.get("judgements", [])]
+        return cls(**{k: v for k, v in value.items() if k in names}, judgements=judgements)
+
+    def to_json(self) -> dict:
+        value = dataclasses.asdict(self)
+        if not self.judgements:  # a sample-log line: not judged yet
+            del value["modes"], value["judgements"]
+        return value
+
+
+def split_skipped(lines: Iterable[dict]) -> tuple[list[SampleRecord], list[dict]]:
+    """Sample-log lines -> sampled records, and the ``{"id", "line", "skipped"}`` lines of bad inputs."""
+    records, skipped = [], []
+    for value in lines:
+        if "skipped" in value:
+            skipped.append(value)
+        else:
+            records.append(SampleRecord.from_json(value))
+    return records, skipped
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:

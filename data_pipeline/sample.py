@@ -1,6 +1,6 @@
 """Stage 1, sample: K chain-of-thought responses per question, into a resumable log.
 
-Each log line (one per question)::
+Each log line (one per question) is a :class:`~data_pipeline.records.SampleRecord`::
 
     {"id", "dataset", "line", "image": [rel paths], "question": original text,
      "prompt": the CoT user turn with <image> placeholders, "answer": str | [str] | null,
@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from data_pipeline.backends import GenerationRequest, SamplingParams
 from data_pipeline.generation import LoopStats, WorkItem, fingerprint, run_resumable
 from data_pipeline.prompts import PromptTemplate, build_cot_prompt
-from data_pipeline.records import AppendLog, Question
+from data_pipeline.records import AppendLog, Question, SampleRecord
 from data_pipeline.sharding import ShardSpec, derive_seed
 from mpo.errors import DataError
 
@@ -115,18 +115,18 @@ def sample_questions(
     def finish(item: WorkItem, generations: list) -> dict:
         question, prompt = item.payload
         generation = generations[0]
-        return {
-            "id": question.id,
-            "dataset": question.dataset,
-            "line": question.line,
-            "image": list(question.images),
-            "question": question.question,
-            "prompt": prompt,
-            "answer": question.answer,
-            "answer_format": settings.template.answer_format,
-            "responses": list(generation.texts),
-            "finish_reasons": list(generation.finish_reasons),
-        }
+        return SampleRecord(
+            id=question.id,
+            dataset=question.dataset,
+            line=question.line,
+            image=list(question.images),
+            question=question.question,
+            prompt=prompt,
+            answer=question.answer,
+            answer_format=settings.template.answer_format,
+            responses=list(generation.texts),
+            finish_reasons=list(generation.finish_reasons),
+        ).to_json()
 
     counts = {"samples": 0}
 

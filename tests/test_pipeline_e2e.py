@@ -21,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ from data_pipeline.dropout_ntp import NTPSettings, continuation_request, continu
 from data_pipeline.extract import extract_final_answer
 from data_pipeline.match import judge
 from data_pipeline.prompts import build_cot_prompt, get_template
-from data_pipeline.records import read_log
+from data_pipeline.records import SampleRecord, read_log
 from data_pipeline.server import ChatServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,8 +242,9 @@ def test_sharded_build_equals_unsharded(workspace: Path, tmp_path: Path, capsys:
 def test_dropout_ntp_continues_without_the_image(workspace: Path, tmp_path: Path) -> None:
     backend = TransformersBackend(workspace / "model")
     prompt = build_cot_prompt("Describe the image.", 1, TEMPLATE)
-    record = {"id": "d1", "dataset": "d", "line": 1, "image": ["a.png"], "prompt": prompt, "answer": None,
-              "answer_format": "final_answer", "responses": ["The image shows one red square on a plain background."]}
+    record = SampleRecord(id="d1", dataset="d", line=1, image=["a.png"], question="Describe the image.", prompt=prompt,
+                          answer=None, answer_format="final_answer",
+                          responses=["The image shows one red square on a plain background."], finish_reasons=["stop"])
     request = continuation_request(record, "The image shows one red", seed=0)
     assert request.images == () and "<image>" not in request.question
     encoded = backend.encode(request, max_tiles=6)
@@ -258,7 +260,7 @@ def test_dropout_ntp_continues_without_the_image(workspace: Path, tmp_path: Path
     outputs = []
     for image in ["missing.png", "a.png"]:
         log = tmp_path / f"ntp-{image}.jsonl"
-        continue_without_image([{**record, "image": [image]}], backend, settings, log, progress=False)
+        continue_without_image([replace(record, image=[image])], backend, settings, log, progress=False)
         outputs.append(read_log(log)[0]["continuations"])
     assert outputs[0] == outputs[1]
     assert outputs[0][0]["prefix"] == "The image shows one red"  # 10 words -> 5

@@ -6,6 +6,7 @@ All on hand-made records: no model. The counts in the docstrings are worked out 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,17 +18,17 @@ from data_pipeline.judging import judge_record, merge_sample_logs
 from data_pipeline.mmpr import group_by_dataset, write_mmpr
 from data_pipeline.pairs import CORRECTNESS_SUFFIX, FORMAT_SUFFIX, build_answer_pairs
 from data_pipeline.prompts import build_cot_prompt, drop_image_placeholders, get_template, strip_short_answer_instruction
-from data_pipeline.records import AppendLog, ResumeError, read_log, read_questions
+from data_pipeline.records import AppendLog, ResumeError, SampleRecord, read_log, read_questions
 from data_pipeline.sharding import ShardSpec
 from mpo.errors import DataError
 
 
-def sample_record(qid: str, answer, responses: list[str], line: int, image: str = "a.png", dataset: str = "toy") -> dict:
-    return {
-        "id": qid, "dataset": dataset, "line": line, "image": [image] if image else [], "question": f"question {qid}?",
-        "prompt": ("<image>\n" if image else "") + f"CoT: question {qid}?", "answer": answer,
-        "answer_format": "final_answer", "responses": responses, "finish_reasons": ["stop"] * len(responses),
-    }
+def sample_record(qid: str, answer, responses: list[str], line: int, image: str = "a.png", dataset: str = "toy") -> SampleRecord:
+    return SampleRecord(
+        id=qid, dataset=dataset, line=line, image=[image] if image else [], question=f"question {qid}?",
+        prompt=("<image>\n" if image else "") + f"CoT: question {qid}?", answer=answer,
+        answer_format="final_answer", responses=responses, finish_reasons=["stop"] * len(responses),
+    )
 
 
 Q1 = [
@@ -41,7 +42,7 @@ Q1 = [
 ]
 
 
-def judged(records: list[dict]) -> list[dict]:
+def judged(records: list[SampleRecord]) -> list[SampleRecord]:
     return [judge_record(r, None) for r in records]
 
 
@@ -103,7 +104,7 @@ def test_write_mmpr_layout_and_deduplication(tmp_path: Path) -> None:
     """q1 and its copy under another id give the same 4 + 2 pairs: the copies are dropped."""
     records = judged([
         sample_record("q1", "3", Q1, 1),
-        {**sample_record("q1", "3", Q1, 2), "id": "q1-copy"},  # same image and text, another id
+        replace(sample_record("q1", "3", Q1, 2), id="q1-copy"),  # same image and text, another id
         sample_record("t1", "3", Q1, 3, image="", dataset="text"),
     ])
     result = build_answer_pairs(records)
@@ -210,8 +211,8 @@ def test_append_log_drops_torn_tail_and_locks(tmp_path: Path) -> None:
 
 
 def test_merge_refuses_conflicting_shards() -> None:
-    a = sample_record("q", "1", ["x"], 2)
-    b = sample_record("p", "1", ["y"], 1)
+    a = sample_record("q", "1", ["x"], 2).to_json()
+    b = sample_record("p", "1", ["y"], 1).to_json()
     assert [r["id"] for r in merge_sample_logs([("s0", [a]), ("s1", [b, a])])] == ["p", "q"]
     with pytest.raises(DataError, match="also appears, differently"):
         merge_sample_logs([("s0", [a]), ("s1", [{**a, "responses": ["z"]}])])
