@@ -198,7 +198,7 @@ _PUNCTUATION = set(";/[]\"{}()=+\\_-><@`,?!")
 def vqa_normalize(text: str) -> str:
     """The VQA-score answer normalisation (the EvalAI processor's rules).
 
-    Lowercase; drop commas between digits and periods not inside a number; punctuation becomes a
+    Lowercase; drop commas between digits and periods not before a digit; punctuation becomes a
     space when it glues words together and vanishes when it stands next to a space; number words
     become digits; articles go; missing apostrophes are restored.
     """
@@ -212,7 +212,7 @@ def vqa_normalize(text: str) -> str:
         else:
             out.append(char)
     text = "".join(out)
-    text = re.sub(r"(?<!\d)\.|\.(?!\d)", "", text)  # a period that is not a decimal point
+    text = re.sub(r"\.(?!\d)", "", text)  # a period not before a digit: "3.5" and ".5" keep theirs
     words = []
     for word in text.split():
         word = _NUMBER_WORDS.get(word, word)

@@ -111,6 +111,7 @@ SCORE_CASES = [
     ("isnt", "isn't", vqa_score, 1.0),  # contraction restored
     ("red-white", "red white", vqa_score, 1.0),  # glued punctuation becomes a space
     ("3.5", "35", vqa_score, 0.0),  # a decimal point is kept
+    (".5", "5", vqa_score, 0.0),  # ... also a leading one
     ("", "", vqa_score, 0.0),  # nothing matches nothing
     ("21", "20", relaxed_score, 1.0),  # within 5 %
     ("21.5", "20", relaxed_score, 0.0),  # 7.5 % off
