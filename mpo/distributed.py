@@ -19,31 +19,40 @@ import copy
 
 from torch import nn
 
-# Config keys accelerate fills from the model's hidden size when they say "auto"; the wrapped
-# PreferenceForward has no ``config``, so they are filled here from the language model's.
-_HIDDEN_SIZE_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
+from mpo.config import ModelConfig
 
 
-def language_hidden_size(model: nn.Module) -> int:
-    """The text hidden size of an InternVL model (or a peft model around one)."""
-    from mpo.forward import base_model
+def text_hidden_size(config: ModelConfig) -> int:
+    """The language model's hidden size, read from the checkpoint's config (no weights loaded)."""
+    from transformers import AutoConfig
 
-    return base_model(model).config.text_config.hidden_size
+    from mpo.modeling import resolve_model_path
+
+    hf_config = AutoConfig.from_pretrained(resolve_model_path(config.name_or_path), trust_remote_code=config.trust_remote_code)
+    return hf_config.text_config.hidden_size
 
 
-def _fill_hidden_size_keys(zero: dict, hidden_size: int) -> None:
+def _fill_bucket_sizes(zero: dict, hidden_size: int) -> None:
+    """ZeRO's size thresholds from the hidden size, as accelerate and HF do for "auto" values.
+
+    Filled when absent too (the launch YAMLs set none): DeepSpeed's fixed defaults ignore the
+    model, and under ZeRO-3 a parameter below the persistence threshold is never partitioned.
+    """
     values = {
         "reduce_bucket_size": hidden_size * hidden_size,
         "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
         "stage3_param_persistence_threshold": 10 * hidden_size,
     }
-    for key in _HIDDEN_SIZE_KEYS:
-        if zero.get(key) == "auto":
-            zero[key] = values[key]
+    for key, value in values.items():
+        if zero.get(key, "auto") == "auto":
+            zero[key] = value
 
 
-def configure_deepspeed(accelerator, micro_batch_size: int, accumulation_steps: int, max_grad_norm: float, model: nn.Module) -> None:
+def configure_deepspeed(accelerator, micro_batch_size: int, accumulation_steps: int, max_grad_norm: float, hidden_size: int) -> None:
     """Writes the recipe's batch, accumulation and clipping into the DeepSpeed config (in place).
+
+    Call it before loading any model: under ZeRO-3, ``from_pretrained`` partitions the weights as
+    it creates them, with the thresholds in this config.
 
     Args:
         accelerator: an ``Accelerator`` whose distributed type is DeepSpeed.
@@ -51,17 +60,17 @@ def configure_deepspeed(accelerator, micro_batch_size: int, accumulation_steps: 
         accumulation_steps: micro-batches per optimizer step; must match what accelerate counts.
         max_grad_norm: DeepSpeed clips inside its own step, so the recipe's norm goes in its config
             (accelerate's ``clip_grad_norm_`` is a no-op under DeepSpeed).
-        model: the unwrapped HF policy, for the hidden-size-based "auto" keys.
+        hidden_size: the language model's hidden size (:func:`text_hidden_size`).
     """
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     config["train_micro_batch_size_per_gpu"] = micro_batch_size
     config["gradient_accumulation_steps"] = accumulation_steps
     config["train_batch_size"] = micro_batch_size * accumulation_steps * accelerator.num_processes
     config["gradient_clipping"] = max_grad_norm
-    _fill_hidden_size_keys(config.setdefault("zero_optimization", {}), language_hidden_size(model))
+    _fill_bucket_sizes(config.setdefault("zero_optimization", {}), hidden_size)
 
 
-def reference_config(policy_config: dict, hidden_size: int) -> dict:
+def reference_config(policy_config: dict) -> dict:
     """The policy's DeepSpeed config turned into an inference-only one for a frozen model.
 
     Drops the optimizer and scheduler (nothing is trained), keeps ZeRO-3 (and its parameter
@@ -76,7 +85,6 @@ def reference_config(policy_config: dict, hidden_size: int) -> dict:
         zero["stage"] = 0
     # Optimizer offload means nothing without an optimizer.
     zero.pop("offload_optimizer", None)
-    _fill_hidden_size_keys(zero, hidden_size)
     return config
 
 
@@ -94,7 +102,7 @@ def prepare_deepspeed_reference(reference_forward: nn.Module, accelerator) -> nn
     import deepspeed
 
     policy_config = accelerator.state.deepspeed_plugin.deepspeed_config
-    config = reference_config(policy_config, language_hidden_size(reference_forward.model))
+    config = reference_config(policy_config)
     engine, *_ = deepspeed.initialize(model=reference_forward, config=config)
     engine.eval()
     return engine
@@ -104,12 +112,14 @@ def local_and_total_numel(module: nn.Module) -> tuple[int, int]:
     """(elements held by this process, elements of the whole model) over ``module``'s parameters.
 
     Under ZeRO-3 a partitioned parameter's ``numel()`` is 0 here and its full size is
-    ``ds_numel``; its local shard is ``ds_tensor``. Elsewhere both counts are the plain sizes.
+    ``ds_numel``; its local shard is ``ds_tensor``, except for the small persistent parameters
+    every process keeps whole. Elsewhere both counts are the plain sizes.
     """
     local = total = 0
     for parameter in module.parameters():
-        if hasattr(parameter, "ds_tensor"):  # a ZeRO-3 partitioned parameter
-            local += parameter.ds_tensor.numel()
+        if hasattr(parameter, "ds_tensor"):  # a ZeRO-3 parameter
+            # A persistent one (below the persistence threshold) stays whole on every process.
+            local += parameter.ds_numel if parameter.ds_persist else parameter.ds_tensor.numel()
             total += parameter.ds_numel
         else:
             local += parameter.numel()

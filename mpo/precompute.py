@@ -247,12 +247,15 @@ def compute(recipe: Recipe, out: Path | None) -> Path:
     root = data_root(recipe)
     out = out or root / f"reference_logps-{Path(recipe.model.name_or_path.replace(':', '-')).name}.safetensors"
 
-    model = load_reference(recipe.model)
-    reference = PreferenceForward(model)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        from mpo.distributed import configure_deepspeed, prepare_deepspeed_reference
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:
+        from mpo.distributed import configure_deepspeed, prepare_deepspeed_reference, text_hidden_size
 
-        configure_deepspeed(accelerator, recipe.train.micro_batch_size, 1, recipe.train.max_grad_norm, model)
+        # Before loading: under ZeRO-3 the weights are partitioned as they load.
+        hidden_size = text_hidden_size(recipe.model)
+        configure_deepspeed(accelerator, recipe.train.micro_batch_size, 1, recipe.train.max_grad_norm, hidden_size)
+    reference = PreferenceForward(load_reference(recipe.model))
+    if deepspeed:
         reference = prepare_deepspeed_reference(reference, accelerator)
     else:
         reference = reference.to(accelerator.device)

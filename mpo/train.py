@@ -186,6 +186,18 @@ class MPOTrainer:
         )
         self.reward_shift = RewardShift(recipe.loss.delta_mode, recipe.loss.delta_ema_decay)
 
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            from mpo.distributed import configure_deepspeed, text_hidden_size
+
+            # No dataloader goes through prepare(): DeepSpeed learns batch, accumulation and
+            # clipping here, before ZeRO-3 partitions the weights as they load.
+            configure_deepspeed(
+                accelerator,
+                train.micro_batch_size,
+                train.gradient_accumulation_steps,
+                train.max_grad_norm,
+                text_hidden_size(recipe.model),
+            )
         policy_model = load_policy(recipe.model)
         self.trainable, self.total_params = count_parameters(policy_model)
         self.reuse_features = recipe.forward.dedupe_vision and vision_is_frozen(policy_model)
@@ -197,13 +209,6 @@ class MPOTrainer:
             num_warmup_steps=round(train.warmup_ratio * self.total_steps),
             num_training_steps=self.total_steps,
         )
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            from mpo.distributed import configure_deepspeed
-
-            # No dataloader goes through prepare(): DeepSpeed learns batch, accumulation and clipping here.
-            configure_deepspeed(
-                accelerator, train.micro_batch_size, train.gradient_accumulation_steps, train.max_grad_norm, policy_model
-            )
         self.policy, self.optimizer, self.scheduler = accelerator.prepare(policy, optimizer, scheduler)
         self.reference = self._build_reference()
 
