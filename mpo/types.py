@@ -77,8 +77,9 @@ class PreferenceBatch:
         part_ids: ``[R, T]`` 0 prompt, 1 chosen, 2 rejected (shared-prefix and packed layouts).
         position_ids: ``[R, T]``, or ``None`` for the default ``0..T-1``.
         pixel_values: ``[tiles, 3, H, W]`` for every ``<IMG_CONTEXT>`` run in row-major order.
-        pair_tile_counts: tiles per pair (the tiles of one pair's prompt), to reuse vision
-            features across the rows of a pair.
+        pair_tile_counts: tiles per pair (the tiles of one pair's prompt), in pair order. The
+            packed layout may place pairs out of order, so its ``pixel_values`` follow the rows,
+            not this list.
         predict_index: ``[N]`` flat index into ``R*T`` of the hidden state that predicts each
             scored token.
         target_ids: ``[N]`` the scored tokens.
