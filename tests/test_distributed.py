@@ -1,0 +1,268 @@
+"""Every ``launch/`` config, run for real: ``accelerate launch`` subprocesses on CPU (gloo), tiny model.
+
+A 1-process run with micro-batch 2 x accumulation 2 and a 2-process run with micro-batch 1 x
+accumulation 2 train on the same 4 pairs at every step (the global batch is a function of seed
+and step only, :mod:`mpo.sampling`), average the same per-pair terms and gradients, and fold the
+same rewards into the reward shift delta (all-reduced sum and count). So they must log the same
+losses step by step, and every process must end with the same delta as the single one.
+
+One launch per config keeps this suite lean (each launch pays the imports of two processes, and
+the first DeepSpeed one a ~45 s JIT build of a communication op, cached in TORCH_EXTENSIONS_DIR):
+
+====================  ==========================================================================
+single_gpu.yaml       the 1-process run everything is compared with
+ddp.yaml              losses and delta match
+zero2.yaml            losses and delta match
+zero3.yaml            losses and delta match; reference sharded; the final save is one plain HF
+                      directory, equal to the 1-process one
+two_node_zero3.yaml   two "machines" on localhost (machine_rank 0 and 1, one process each) resume
+                      the ZeRO-3 run from its step-2 checkpoint and reproduce its step 3
+zero1.yaml            LoRA: losses match a 1-process LoRA run; the adapter is saved
+zero3_offload.yaml    ``mpo precompute-ref`` with the reference's weights offloaded to CPU; the
+                      stored log-probs equal a 1-process precompute. Training with this config
+                      needs DeepSpeed's CPU Adam, a further JIT build of minutes, so it is not run
+                      here (it was run by hand: same losses as the 1-process run).
+====================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from accelerate.state import AcceleratorState, GradientState
+
+from mpo.config import load_recipe
+from mpo.train import MPOTrainer
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+RECIPE = REPO / "recipes" / "tiny_cpu.yaml"
+PROBE = Path(__file__).with_name("launch_probe.py")
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+COMPARED = ("loss", "loss/dpo", "loss/bco", "loss/sft", "bco/delta", "rewards/margins", "logps/chosen", "lr", "grad_norm")
+
+
+@pytest.fixture(scope="session")
+def launch_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of every launched process: offline, one JIT build for the whole session."""
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(tmp_path_factory.mktemp("torch_extensions")))
+    env.setdefault("MPO_CACHE", str(tmp_path_factory.mktemp("mpo_cache")))
+    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu")
+    return env
+
+
+def _free_port() -> int:
+    # Concurrent launches (other test sessions) would collide on torchrun's default port 29500.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch_command(config: str, program: list[str], args: list[str], processes: int, extra: list[str], port: int) -> list[str]:
+    return [
+        str(ACCELERATE), "launch", "--config_file", str(LAUNCH / config), "--num_processes", str(processes),
+        "--main_process_port", str(port), *extra, *program, *args,
+    ]  # fmt: skip
+
+
+def launch(env: dict, config: str, program: list[str], args: list[str], processes: int = 2) -> None:
+    command = _launch_command(config, program, args, processes, [], _free_port())
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
+
+
+def overrides(model_dir: Path, data_dir: Path, out: Path, **extra) -> list[str]:
+    values = {
+        "model.name_or_path": model_dir,
+        "data.meta_path": data_dir / "meta.json",
+        "output_dir": out,
+        "train.max_steps": 3,
+        "train.save_every": 0,
+        "train.micro_batch_size": 1,
+        "train.gradient_accumulation_steps": 2,
+        "report_to": "none",
+    }
+    values.update(extra)
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def rank_views(out: Path, world_size: int) -> list[dict]:
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world_size)]
+
+
+def assert_same_losses(rows: list[dict], expected: list[dict]) -> None:
+    assert [r["step"] for r in rows] == [r["step"] for r in expected]
+    for key in COMPARED:
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in expected], rel=1e-4, abs=1e-5), key
+
+
+def run_in_process(args: list[str]) -> MPOTrainer:
+    """A 1-process run inside pytest (accelerate's global state reset afterwards)."""
+    try:
+        trainer = MPOTrainer(load_recipe(RECIPE, args))
+        trainer.train()
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def launched(launch_env, tiny_model_dir, tiny_mmpr_dir, tmp_path_factory):
+    """``launched(config)``: the output directory of the probe trained under ``config`` (once)."""
+    outputs: dict[str, Path] = {}
+
+    def get(config: str) -> Path:
+        if config not in outputs:
+            out = tmp_path_factory.mktemp(config.removesuffix(".yaml"))
+            if config == "single_gpu.yaml":
+                args = overrides(tiny_model_dir, tiny_mmpr_dir, out, **{"train.micro_batch_size": 2})
+                launch(launch_env, config, [str(PROBE)], args, processes=1)
+            else:
+                extra = {"train.save_every": 2} if config == "zero3.yaml" else {}
+                launch(launch_env, config, [str(PROBE)], overrides(tiny_model_dir, tiny_mmpr_dir, out, **extra))
+            outputs[config] = out
+        return outputs[config]
+
+    return get
+
+
+def test_launch_configs_parse_and_say_what_they_are():
+    """Every config loads with accelerate's own parser, opens with a one-line comment, keeps
+    ``use_cpu: false`` (true would silently start a single process), and ZeRO-3 ones gather a
+    16-bit model on save (without it the final save under ZeRO-3 fails)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    names = sorted(p.name for p in LAUNCH.glob("*.yaml"))
+    assert names == sorted(
+        ["single_gpu.yaml", "ddp.yaml", "zero1.yaml", "zero2.yaml", "zero3.yaml", "zero3_offload.yaml", "two_node_zero3.yaml"]
+    )
+    for name in names:
+        path = LAUNCH / name
+        assert path.read_text().startswith("# "), name
+        config = load_config_from_file(str(path))
+        assert config.use_cpu is False, name
+        raw = yaml.safe_load(path.read_text())
+        if raw.get("distributed_type") == "DEEPSPEED":
+            stage = raw["deepspeed_config"]["zero_stage"]
+            assert stage == int(name[4]) if name.startswith("zero") else stage == 3, name
+            if stage == 3:
+                assert raw["deepspeed_config"]["zero3_save_16bit_model"] is True, name
+    two_node = yaml.safe_load((LAUNCH / "two_node_zero3.yaml").read_text())
+    assert two_node["num_machines"] == 2 and two_node["main_process_ip"] and "machine_rank" in two_node
+    offload = yaml.safe_load((LAUNCH / "zero3_offload.yaml").read_text())["deepspeed_config"]
+    assert offload["offload_param_device"] == offload["offload_optimizer_device"] == "cpu"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["ddp.yaml", "zero2.yaml", "zero3.yaml"])
+def test_two_processes_match_one_process(launched, config):
+    single = launched("single_gpu.yaml")
+    out = launched(config)
+    assert_same_losses(metrics(out), metrics(single))
+    assert metrics(out)[2]["bco/delta"] != 0.0  # delta really moved by step 3
+    (alone,) = rank_views(single, 1)
+    views = rank_views(out, 2)
+    assert {v["world_size"] for v in views} == {2}
+    assert views[0]["delta"] == views[1]["delta"]  # all-reduced: bit-identical on every rank
+    assert views[0]["delta"] == pytest.approx(alone["delta"], rel=1e-5)
+    assert views[0]["delta_updates"] == alone["delta_updates"] == 3
+    for view in views:
+        assert view["reference"] == "FrozenModelReference"
+        (reference_local, reference_total), (policy_local, policy_total) = view["reference_numel"], view["policy_numel"]
+        assert reference_total == policy_total == alone["reference_numel"][1]
+        if config == "zero3.yaml":
+            # Sharded like the policy: each process holds about half, never a full replica.
+            assert reference_local < 0.6 * reference_total and policy_local < 0.6 * policy_total
+        else:
+            assert reference_local == reference_total
+
+
+@pytest.mark.slow
+def test_zero3_save_is_one_plain_transformers_directory(launched):
+    """The ZeRO-3 shards are gathered into one safetensors directory that plain transformers
+    loads, holding the same weights as the 1-process run's final model."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    final = launched("zero3.yaml") / "final"
+    assert not list(final.glob("*.bin")) and (final / "model.safetensors").exists()
+    AutoProcessor.from_pretrained(final)
+    sharded = AutoModelForImageTextToText.from_pretrained(final).state_dict()
+    single = AutoModelForImageTextToText.from_pretrained(launched("single_gpu.yaml") / "final").state_dict()
+    assert sharded.keys() == single.keys()
+    for name, value in single.items():
+        torch.testing.assert_close(sharded[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_two_node_config_resumes_the_zero3_run(launch_env, launched, tiny_model_dir, tiny_mmpr_dir, tmp_path):
+    """Two launchers on this machine act as the two nodes (machine_rank 0 and 1, one process each,
+    main process address 127.0.0.1): they resume the ZeRO-3 run's step-2 checkpoint and log the
+    step 3 it logged, delta restored from the checkpoint."""
+    zero3 = launched("zero3.yaml")
+    out = tmp_path / "resumed"
+    args = overrides(tiny_model_dir, tiny_mmpr_dir, out, resume_from=zero3 / "checkpoints" / "step-00000002")
+    port = _free_port()
+    nodes = []
+    for machine_rank in (0, 1):
+        extra = ["--num_machines", "2", "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
+        command = _launch_command("two_node_zero3.yaml", [str(PROBE)], args, 2, extra, port)
+        nodes.append(subprocess.Popen(command, env=launch_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-4000:] for log in logs)
+    assert "resumed from" in logs[0]
+    assert_same_losses(metrics(out), metrics(zero3)[2:])
+    views = rank_views(out, 2)
+    assert views[0]["delta"] == views[1]["delta"] == pytest.approx(rank_views(zero3, 2)[0]["delta"], rel=1e-6)
+
+
+LORA = {"model.lora.enabled": "true", "model.lora.r": 4, "model.lora.alpha": 8, "model.lora.dropout": 0.0}
+
+
+@pytest.mark.slow
+def test_lora_under_zero1_matches_one_process(launch_env, tiny_model_dir, tiny_mmpr_dir, tmp_path):
+    """LoRA (dropout 0, so both runs draw nothing at random) with the adapters-disabled reference:
+    2 processes under ZeRO-1 log the 1-process losses, and the final directory is the adapter."""
+    single = tmp_path / "single"
+    run_in_process(overrides(tiny_model_dir, tiny_mmpr_dir, single, **LORA, **{"train.micro_batch_size": 2}))
+    out = tmp_path / "zero1"
+    launch(launch_env, "zero1.yaml", [str(PROBE)], overrides(tiny_model_dir, tiny_mmpr_dir, out, **LORA))
+    assert_same_losses(metrics(out), metrics(single))
+    assert {v["reference"] for v in rank_views(out, 2)} == {"DisabledAdapterReference"}
+    assert (out / "final" / "adapter_model.safetensors").exists() and (out / "final" / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_precompute_with_offloaded_reference_matches_one_process(launch_env, tiny_model_dir, tiny_mmpr_dir, tmp_path):
+    """``mpo precompute-ref`` sharded over 2 processes under ZeRO-3 with parameter offload stores
+    the same pairs and log-probs as one process."""
+    from safetensors import safe_open
+
+    from mpo.precompute import compute
+
+    single = tmp_path / "single.safetensors"
+    try:
+        compute(load_recipe(RECIPE, overrides(tiny_model_dir, tiny_mmpr_dir, tmp_path / "unused")), single)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    sharded = tmp_path / "sharded.safetensors"
+    args = [str(RECIPE), *overrides(tiny_model_dir, tiny_mmpr_dir, tmp_path / "unused"), "--out", str(sharded)]
+    launch(launch_env, "zero3_offload.yaml", ["-m", "mpo.precompute"], args)
+    with safe_open(str(single), "pt") as a, safe_open(str(sharded), "pt") as b:
+        assert a.metadata() == b.metadata()  # same keys, skipped pairs and fingerprint
+        for name in a.keys():
+            torch.testing.assert_close(b.get_tensor(name), a.get_tensor(name), rtol=1e-5, atol=1e-4, msg=name)

@@ -1,0 +1,164 @@
+"""Precomputed reference log-probs: training on them equals training with the live reference, and
+a file that no longer matches the data, the model or the tiling/length settings is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+
+from mpo.config import load_recipe
+from mpo.data import PreferenceDataset, load_records
+from mpo.errors import DataError
+from mpo.modeling import load_processor
+from mpo.precompute import PrecomputedReference, compute
+from mpo.train import MPOTrainer
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu.yaml"
+
+
+def _overrides(model_dir: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"model.name_or_path={model_dir}", f"data.meta_path={data_dir / 'meta.json'}", f"output_dir={out}",
+        "train.max_steps=3", "train.save_every=0", *extra,
+    ]  # fmt: skip
+
+
+def _reset() -> None:
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def precomputed(tiny_model_dir, tiny_mmpr_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """(data directory, reference file) written by ``compute`` next to a copy of the example data."""
+    data = tmp_path_factory.mktemp("precompute") / "data"
+    shutil.copytree(tiny_mmpr_dir, data)
+    try:
+        path = compute(load_recipe(RECIPE, _overrides(tiny_model_dir, data, data / "unused")), None)
+    finally:
+        _reset()
+    assert path.parent == data  # next to the data by default
+    return data, path
+
+
+def _open(model_dir: Path, data: Path, path: Path, *extra: str) -> PrecomputedReference:
+    recipe = load_recipe(RECIPE, _overrides(model_dir, data, data / "unused", *extra))
+    dataset = PreferenceDataset(load_records(recipe.data, recipe.seed), load_processor(recipe.model), recipe.data)
+    return PrecomputedReference.open(path, recipe, dataset)
+
+
+def _train(args: list[str]) -> tuple[str, list[dict]]:
+    try:
+        trainer = MPOTrainer(load_recipe(RECIPE, args))
+        trainer.train()
+    finally:
+        _reset()
+    rows = (Path(trainer.recipe.output_dir) / "metrics.jsonl").read_text().splitlines()
+    return type(trainer.reference).__name__, [json.loads(row) for row in rows]
+
+
+def test_training_on_precomputed_log_probs_equals_the_live_reference(precomputed, tiny_model_dir, tmp_path):
+    data, path = precomputed
+    live_kind, live = _train(_overrides(tiny_model_dir, data, tmp_path / "live"))
+    stored_kind, stored = _train(_overrides(tiny_model_dir, data, tmp_path / "stored", f"reference.precomputed_path={path}"))
+    assert (live_kind, stored_kind) == ("FrozenModelReference", "PrecomputedReference")
+    assert live[2]["bco/delta"] != 0.0
+    for key in ("loss", "loss/dpo", "loss/bco", "loss/sft", "bco/delta", "rewards/chosen", "rewards/margins", "grad_norm"):
+        assert [r[key] for r in stored] == pytest.approx([r[key] for r in live], rel=1e-4, abs=1e-5), key
+
+
+def test_the_data_directory_can_move_with_its_file(precomputed, tiny_model_dir, tmp_path):
+    """Keys are relative to the data directory, so a copied directory keeps a valid file."""
+    data, path = precomputed
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(data, moved)
+    reference = _open(tiny_model_dir, moved, moved / path.name)
+    assert len(reference.rows) == 24
+
+
+def _edit_annotation(data: Path) -> None:
+    annotation = data / "annotations" / "shapes_pairs_vqa_correctness_rules.jsonl"
+    lines = annotation.read_text().splitlines()
+    record = json.loads(lines[0])
+    record["chosen"] += " Indeed."
+    annotation.write_text("\n".join([json.dumps(record), *lines[1:]]) + "\n")
+
+
+def _fine_tuned_copy(model_dir: Path, out: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    weights = load_file(out / "model.safetensors")
+    name = next(n for n in weights if "layers.0.mlp.up_proj" in n)
+    weights[name] = weights[name] + 1e-3  # same shapes, same size: only the values differ
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ("annotation", "dataset (annotations)"),
+        ("model", "model (model.safetensors)"),
+        ("data.max_length=1000", "settings (max_length)"),
+        ("data.max_dynamic_patch=2", "settings (max_dynamic_patch)"),
+        ("data.video_frames=2", "settings (video_frames)"),
+    ],
+)
+def test_a_stale_file_is_refused(precomputed, tiny_model_dir, tmp_path, change, expected):
+    data, path = precomputed
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    model, extra = tiny_model_dir, []
+    if change == "annotation":
+        _edit_annotation(copy)
+    elif change == "model":
+        model = _fine_tuned_copy(tiny_model_dir, tmp_path / "model")
+    else:
+        extra = [change]
+    with pytest.raises(DataError, match="stale precomputed reference log-probs") as error:
+        _open(model, copy, copy / path.name, *extra)
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_cli_refuses_a_stale_file_in_one_line_before_loading_models(precomputed, tiny_model_dir, tmp_path, capsys):
+    from mpo.cli import main
+
+    data, path = precomputed
+    args = _overrides(tiny_model_dir, data, tmp_path / "run", f"reference.precomputed_path={path}", "data.max_length=1000")
+    try:
+        assert main(["train", str(RECIPE), *args]) == 1
+    finally:
+        _reset()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert line == err.strip().splitlines()[-1] == (
+        f"error: {path}: stale precomputed reference log-probs: settings (max_length) changed since they were computed; "
+        "run `mpo precompute-ref` again"
+    )
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_pair_scored_differently_now_is_refused(precomputed, tiny_model_dir):
+    """The stored token counts guard the lookup: a batch whose responses tokenize to other
+    lengths (here: one token cut) cannot silently take the stored values."""
+    from mpo.collate import collate_plain
+
+    data, path = precomputed
+    reference = _open(tiny_model_dir, data, path)
+    recipe = load_recipe(RECIPE, _overrides(tiny_model_dir, data, data / "unused"))
+    dataset = PreferenceDataset(load_records(recipe.data, recipe.seed), load_processor(recipe.model), recipe.data)
+    pair = dataset[0]
+    batch = collate_plain([pair], pad_id=0)
+    logps = reference(batch)
+    assert logps.chosen_token_counts.tolist() == [len(pair.chosen_ids)]
+    assert torch.isfinite(logps.chosen_logps).all()
+    pair.chosen_ids = pair.chosen_ids[:-1]
+    with pytest.raises(DataError, match="other response token counts"):
+        reference(collate_plain([pair], pad_id=0))
