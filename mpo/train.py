@@ -74,8 +74,11 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optim
             ndim = len(parameter.ds_shape) if hasattr(parameter, "ds_shape") else parameter.ndim
             (no_decay if ndim < 2 else decay).append(parameter)
     train = recipe.train
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        # DeepSpeed drops an empty group (LoRA trains no 1-D weights), leaving the scheduler with
+        # more rates than groups; so no empty group is made.
+        [group for group in groups if group["params"]],
         lr=train.lr,
         betas=(train.adam_beta1, train.adam_beta2),
     )

@@ -130,10 +130,10 @@ def launched(launch_env, tiny_model_dir, tiny_mmpr_dir, tmp_path_factory):
             out = tmp_path_factory.mktemp(config.removesuffix(".yaml"))
             if config == "single_gpu.yaml":
                 args = overrides(tiny_model_dir, tiny_mmpr_dir, out, **{"train.micro_batch_size": 2})
-                launch(launch_env, config, [str(PROBE)], args, processes=1)
+                launch(launch_env, config, [str(PROBE), str(RECIPE)], args, processes=1)
             else:
                 extra = {"train.save_every": 2} if config == "zero3.yaml" else {}
-                launch(launch_env, config, [str(PROBE)], overrides(tiny_model_dir, tiny_mmpr_dir, out, **extra))
+                launch(launch_env, config, [str(PROBE), str(RECIPE)], overrides(tiny_model_dir, tiny_mmpr_dir, out, **extra))
             outputs[config] = out
         return outputs[config]
 
@@ -204,7 +204,7 @@ def test_zero3_save_is_one_plain_transformers_directory(launched):
     single = AutoModelForImageTextToText.from_pretrained(launched("single_gpu.yaml") / "final").state_dict()
     assert sharded.keys() == single.keys()
     for name, value in single.items():
-        torch.testing.assert_close(sharded[name], value, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(sharded[name], value, rtol=1e-4, atol=1e-4, msg=name)
 
 
 @pytest.mark.slow
@@ -219,7 +219,7 @@ def test_two_node_config_resumes_the_zero3_run(launch_env, launched, tiny_model_
     nodes = []
     for machine_rank in (0, 1):
         extra = ["--num_machines", "2", "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
-        command = _launch_command("two_node_zero3.yaml", [str(PROBE)], args, 2, extra, port)
+        command = _launch_command("two_node_zero3.yaml", [str(PROBE), str(RECIPE)], args, 2, extra, port)
         nodes.append(subprocess.Popen(command, env=launch_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-4000:] for log in logs)
@@ -239,7 +239,7 @@ def test_lora_under_zero1_matches_one_process(launch_env, tiny_model_dir, tiny_m
     single = tmp_path / "single"
     run_in_process(overrides(tiny_model_dir, tiny_mmpr_dir, single, **LORA, **{"train.micro_batch_size": 2}))
     out = tmp_path / "zero1"
-    launch(launch_env, "zero1.yaml", [str(PROBE)], overrides(tiny_model_dir, tiny_mmpr_dir, out, **LORA))
+    launch(launch_env, "zero1.yaml", [str(PROBE), str(RECIPE)], overrides(tiny_model_dir, tiny_mmpr_dir, out, **LORA))
     assert_same_losses(metrics(out), metrics(single))
     assert {v["reference"] for v in rank_views(out, 2)} == {"DisabledAdapterReference"}
     assert (out / "final" / "adapter_model.safetensors").exists() and (out / "final" / "adapter_config.json").exists()
