@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mpo.demo.stages import DATASET, MATCH_MODES, cot_prompt, write_jsonl
+from mpo.demo.stages import MATCH_MODES, cot_prompt, write_jsonl
 
 
 @dataclass
@@ -31,6 +31,18 @@ class EvalResult:
         return self.correct / self.questions if self.questions else 0.0
 
 
+def judge_response(response: str, answer: str) -> tuple[str | None, str]:
+    """(extracted answer, ``correct`` | ``incorrect`` | ``unparsable``) by the pipeline's rules."""
+    from data_pipeline.extract import extract_answer
+    from data_pipeline.match import judge
+
+    extraction = extract_answer(response, "final_answer")
+    if not extraction.ok:
+        return None, "unparsable"
+    correct = judge(extraction.answer, answer, MATCH_MODES).correct
+    return extraction.answer, "correct" if correct else "incorrect"
+
+
 def evaluate(model_dir: Path, questions: list[dict], image_root: Path, out_path: Path,
              max_new_tokens: int, batch_size: int, desc: str = "eval") -> EvalResult:
     """Answers every question greedily and judges it; writes one JSON line per question.
@@ -44,7 +56,6 @@ def evaluate(model_dir: Path, questions: list[dict], image_root: Path, out_path:
         batch_size: questions per generate call.
     """
     from data_pipeline.backends import GenerationRequest, SamplingParams, TransformersBackend
-    from data_pipeline.judging import judge_record
     from mpo.inputs import load_image
 
     backend = TransformersBackend(model_dir, device="cpu", dtype="float32")
@@ -58,11 +69,10 @@ def evaluate(model_dir: Path, questions: list[dict], image_root: Path, out_path:
             requests = [GenerationRequest(question=cot_prompt(r["question"]), images=(load_image(image_root / r["image"]),))
                         for r in batch]
             for record, generation in zip(batch, backend.generate(requests, params)):
-                judged = judge_record({"dataset": DATASET, "answer": record["answer"], "answer_format": "final_answer",
-                                       "responses": [generation.texts[0]]}, MATCH_MODES)["judgements"][0]
+                response = generation.texts[0]
+                extracted, status = judge_response(response, record["answer"])
                 predictions.append({"id": record["id"], "kind": record["kind"], "answer": record["answer"],
-                                    "response": generation.texts[0], "extracted": judged["answer"],
-                                    "status": judged["status"]})
+                                    "response": response, "extracted": extracted, "status": status})
             bar.update(len(batch))
     predictions.sort(key=lambda p: p["id"])
     write_jsonl(out_path, predictions)
