@@ -2,8 +2,9 @@
 
 The trainer feeds DeepSpeed no dataloader (the global batch order is :mod:`mpo.sampling`'s), so
 accelerate cannot infer the batch sizes; :func:`configure_deepspeed` writes them, the gradient
-accumulation and the clipping norm into the plugin's config from the recipe before ``prepare``.
-The recipe wins over the launch file, so one recipe trains the same under every launch config.
+accumulation, the clipping norm and ZeRO's size thresholds into the plugin's config before any
+model loads. The recipe wins over the launch file (``train.mixed_precision`` too, being passed to
+the ``Accelerator``), so one recipe trains the same under every launch config.
 
 The frozen reference is wrapped by :func:`prepare_deepspeed_reference` in an inference-only
 engine built from the policy's config minus its optimizer (TRL's ``_prepare_deepspeed`` does the
