@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from mpo.packing import PAIR_SDPA, flex_block_mask, pair_blocks
 from mpo.types import PreferenceBatch, SequenceLogps
 
 
@@ -37,10 +38,11 @@ def base_model(model: nn.Module) -> nn.Module:
 
 
 def attention_kernel(requested: str, device: torch.device) -> str:
-    """How a shared-prefix or packed batch's mask is realised: ``flex`` or ``sdpa``.
+    """How a shared-prefix or packed batch's attention is computed: ``flex`` or ``sdpa``.
 
-    ``auto`` picks FlexAttention on CUDA, whose block mask lets the kernel skip the blocks no token
-    attends to, and SDPA with a dense mask elsewhere (FlexAttention has no backward on CPU).
+    ``auto`` picks FlexAttention on CUDA (a block mask and a fused kernel that skips the blocks no
+    token attends to) and per-pair SDPA elsewhere (FlexAttention has no backward on CPU); see
+    :mod:`mpo.packing`.
     """
     if requested == "auto":
         return "flex" if device.type == "cuda" else "sdpa"
@@ -49,24 +51,18 @@ def attention_kernel(requested: str, device: torch.device) -> str:
     return requested
 
 
-def attention_mask_for(batch: PreferenceBatch, dtype: torch.dtype, kernel: str = "sdpa"):
-    """The language model's mask: the 2D padding mask (plain layout), or the layout's "may attend"
-    rule as a FlexAttention ``BlockMask`` (``kernel="flex"``) or a dense ``[R, 1, T, T]`` additive
-    bias (``kernel="sdpa"``).
-
-    The dense mask is additive in the model dtype rather than boolean: SDPA turns a boolean mask
-    into an additive one in every layer and keeps each copy for the backward, whereas one additive
-    mask is shared by all layers.
-    """
+def attention_inputs(batch: PreferenceBatch, kernel: str) -> dict:
+    """The language model's attention arguments: the 2D padding mask (plain layout), a
+    FlexAttention ``BlockMask`` (``flex``), or the pair blocks that :func:`mpo.packing.pair_sdpa_attention`
+    reads (``sdpa``, passed through transformers to every layer's attention function)."""
     if batch.pair_ids is None:
-        return batch.attention_mask
-    from mpo.packing import dense_attention_mask, flex_block_mask
-
+        return {"attention_mask": batch.attention_mask}
     if kernel == "flex":
-        return flex_block_mask(batch.pair_ids, batch.part_ids)
-    allowed = dense_attention_mask(batch.pair_ids, batch.part_ids)
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return {"attention_mask": flex_block_mask(batch.pair_ids, batch.part_ids)}
+    # An all-ones 2D mask lets transformers skip building a mask of its own (a missing one would
+    # make it read the restarting position ids as packed sequences and build a dense mask).
+    ones = torch.ones_like(batch.input_ids)
+    return {"attention_mask": ones, "pair_blocks": pair_blocks(batch.pair_ids, batch.part_ids)}
 
 
 def sequence_logps(token_logps: torch.Tensor, segment_ids: torch.Tensor, num_pairs: int) -> SequenceLogps:
@@ -110,11 +106,10 @@ class PreferenceForward(nn.Module):
             kernel, wanted = "plain", self.loaded_text_attention
         else:
             kernel = attention_kernel(batch.attention, batch.input_ids.device)
-            wanted = "flex_attention" if kernel == "flex" else "sdpa"
+            wanted = "flex_attention" if kernel == "flex" else PAIR_SDPA
         if hf.config.text_config._attn_implementation != wanted:
             hf.set_attn_implementation({"text_config": wanted})
         return kernel
-
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[tiles, tokens_per_tile, hidden]`` projected features of the tiles."""
@@ -151,10 +146,10 @@ class PreferenceForward(nn.Module):
             encoder_outputs = {"image": BaseModelOutputWithPooling(pooler_output=features)}
         hidden = hf.model(
             input_ids=batch.input_ids,
-            attention_mask=attention_mask_for(batch, dtype, self.use_attention_for(batch)),
             position_ids=batch.position_ids,
             mm_encoder_outputs=encoder_outputs,
             use_cache=False,
+            **attention_inputs(batch, self.use_attention_for(batch)),
         ).last_hidden_state
         # The LM head runs on the response positions only: prompts are mostly image tokens,
         # and a [rows, T, vocab] logits tensor would dominate memory for nothing.

@@ -25,7 +25,7 @@ Example with pad id 0, two text-only pairs (prompt ids ``[5, 6]`` / ``[7]``, cho
     target_ids    = [8, 9, 9, 3, 3, 4]  # the same as the plain layout's
     segment_ids   = [0, 1, 1, 2, 2, 3]  # likewise
 
-The "may attend" mask of row 0 (query rows, key columns), from :func:`dense_attention_mask`::
+The "may attend" rule (:func:`may_attend`) for row 0 (query rows, key columns)::
 
     [[1, 0, 0, 0, 0],
      [1, 1, 0, 0, 0],
@@ -49,9 +49,12 @@ fit beside it and opens row 1, pair 2 fits in row 0::
     segment_ids   = [0, 1, 1, 2, 3, 3, 4, 5]
 
 ``tests/test_packing.py`` checks exactly these tensors. The batch carries the per-token
-``pair_ids`` / ``part_ids`` rather than a ``[R, 1, T, T]`` mask: the mask is built on the device
-by the forward, as a dense boolean mask for SDPA (:func:`dense_attention_mask`) or as a
-FlexAttention ``BlockMask`` (:func:`flex_block_mask`) that skips the blocks no token attends to.
+``pair_ids`` / ``part_ids`` rather than a ``[R, 1, T, T]`` mask, and the forward realises the rule
+with one of two kernels (``forward.attention``), neither of which materialises a dense mask:
+
+* ``flex`` (default on CUDA): a FlexAttention ``BlockMask`` (:func:`flex_block_mask`), built on
+  the device; the fused kernel skips the blocks no query attends to.
+* ``sdpa`` (default elsewhere): :func:`pair_sdpa_attention`, two SDPA calls per pair block.
 """
 
 from __future__ import annotations
@@ -60,6 +63,10 @@ from functools import partial
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from mpo.config import DataConfig, ForwardConfig
 from mpo.types import EncodedPair, PreferenceBatch
@@ -193,15 +200,6 @@ def may_attend(query_pair, query_part, key_pair, key_part, query, key):
     return (query_pair == key_pair) & (key <= query) & ~hidden
 
 
-def dense_attention_mask(pair_ids: torch.Tensor, part_ids: torch.Tensor) -> torch.Tensor:
-    """``[R, 1, T, T]`` boolean "may attend" mask (True: attend), for SDPA on any device."""
-    positions = torch.arange(pair_ids.shape[-1], device=pair_ids.device)
-    mask = may_attend(
-        pair_ids[:, :, None], part_ids[:, :, None], pair_ids[:, None, :], part_ids[:, None, :], positions[:, None], positions[None, :]
-    )
-    return mask[:, None]
-
-
 def flex_block_mask(pair_ids: torch.Tensor, part_ids: torch.Tensor):
     """The same rule as a FlexAttention ``BlockMask``, built on the ids' device.
 
@@ -216,3 +214,73 @@ def flex_block_mask(pair_ids: torch.Tensor, part_ids: torch.Tensor):
 
     rows, length = pair_ids.shape
     return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=pair_ids.device)
+
+
+def pair_blocks(pair_ids: torch.Tensor, part_ids: torch.Tensor) -> list[tuple[int, int, int, int, int]]:
+    """``(row, start, prompt, chosen, rejected)`` of every pair block, in row order.
+
+    For the docstring's packed example: ``[(0, 0, 2, 1, 2), (0, 5, 1, 1, 1), (1, 0, 1, 2, 1)]``.
+    """
+    blocks = []
+    for row, (pairs, parts) in enumerate(zip(pair_ids.cpu(), part_ids.cpu())):
+        ids, lengths = torch.unique_consecutive(pairs, return_counts=True)
+        segment = torch.repeat_interleave(torch.arange(len(ids)), lengths)
+        counts = torch.zeros(len(ids), 3, dtype=torch.long).index_put_((segment, parts), torch.ones_like(parts), accumulate=True)
+        starts = torch.cumsum(lengths, 0) - lengths
+        for pair, start, (prompt, chosen, rejected) in zip(ids.tolist(), starts.tolist(), counts.tolist()):
+            if pair != PAD_PAIR:
+                blocks.append((row, start, prompt, chosen, rejected))
+    return blocks
+
+
+def pair_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, pair_blocks=None, **kwargs):
+    """Attention of shared-prefix and packed rows as SDPA calls per pair block (the CPU kernel).
+
+    Registered with transformers' ``AttentionInterface`` as ``"mpo_pair_sdpa"``; the forward
+    passes the blocks as the ``pair_blocks`` keyword, which transformers hands to the attention
+    function of every layer. Per block, ``[prompt | chosen]`` attends causally (plain causal SDPA,
+    no mask) and the rejected queries attend to ``[prompt | rejected]`` keys under a small
+    lower-right causal mask. Nothing else is computed: a dense ``[T, T]`` mask over a packed row
+    would spend most of its attention on pairs that may not see each other (CPU SDPA computes
+    masked blocks), and would hold ``R*T*T`` mask entries. Padding gets zeros.
+
+    Args:
+        query: ``[R, heads, T, head_dim]``; ``key``/``value``: ``[R, kv_heads, T, head_dim]``.
+        attention_mask: unused with ``pair_blocks`` (the blocks are the mask).
+        pair_blocks: :func:`pair_blocks` of the batch; without them the call is plain SDPA.
+
+    Returns:
+        ``([R, T, heads, head_dim], None)`` as transformers' attention functions do.
+    """
+    if pair_blocks is None:
+        # Any other call on the model (generation, evaluation) is transformers' own SDPA, with
+        # the mask transformers builds for it (the mask function is registered below too).
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)  # grouped-query heads
+    rows: list[list[torch.Tensor]] = [[] for _ in range(query.shape[0])]
+    ends = [0] * query.shape[0]
+    for row, start, prompt, chosen, rejected in pair_blocks:
+        q, k, v = query[row : row + 1], key[row : row + 1], value[row : row + 1]
+        head = slice(start, start + prompt + chosen)
+        rows[row].append(F.scaled_dot_product_attention(q[:, :, head], k[:, :, head], v[:, :, head], dropout_p=dropout, is_causal=True, scale=scaling))
+        tail = slice(head.stop, head.stop + rejected)
+        keys = torch.cat([k[:, :, start : start + prompt], k[:, :, tail]], dim=2)
+        values = torch.cat([v[:, :, start : start + prompt], v[:, :, tail]], dim=2)
+        # rejected token i sees the whole prompt and rejected tokens 0..i
+        allowed = torch.arange(prompt + rejected, device=q.device)[None, :] <= prompt + torch.arange(rejected, device=q.device)[:, None]
+        rows[row].append(F.scaled_dot_product_attention(q[:, :, tail], keys, values, attn_mask=allowed, dropout_p=dropout, scale=scaling))
+        ends[row] = tail.stop
+    length = query.shape[2]
+    for row, parts in enumerate(rows):
+        if ends[row] < length:
+            parts.append(query.new_zeros(1, query.shape[1], length - ends[row], query.shape[3]))
+    output = torch.cat([torch.cat(parts, dim=2) for parts in rows])
+    return output.transpose(1, 2).contiguous(), None
+
+
+# Registered at import (mpo.forward imports this module) so that set_attn_implementation can name
+# it; the mask function is transformers' SDPA one, for calls without pair blocks.
+PAIR_SDPA = "mpo_pair_sdpa"
+AttentionInterface.register(PAIR_SDPA, pair_sdpa_attention)
+AttentionMaskInterface.register(PAIR_SDPA, sdpa_mask)

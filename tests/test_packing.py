@@ -17,7 +17,15 @@ from mpo.collate import build_collator, collate_plain
 from mpo.config import DataConfig, ForwardConfig, recipe_from_dict
 from mpo.data import PreferenceDataset, load_records
 from mpo.forward import PreferenceForward, attention_kernel
-from mpo.packing import collate_packed, collate_shared_prefix, dense_attention_mask, flex_block_mask, pack_rows
+from mpo.packing import (
+    collate_packed,
+    collate_shared_prefix,
+    flex_block_mask,
+    may_attend,
+    pack_rows,
+    pair_blocks,
+    pair_sdpa_attention,
+)
 from mpo.reference import FrozenModelReference
 from mpo.types import EncodedPair
 
@@ -30,6 +38,14 @@ def _pair(prompt, chosen, rejected, tiles=None) -> EncodedPair:
 
 
 DOC_PAIRS = [_pair([5, 6], [8], [3, 3]), _pair([7], [9, 9], [4]), _pair([2], [6], [7])]
+
+
+def dense_mask(batch) -> torch.Tensor:
+    """``[R, 1, T, T]`` "may attend" from the layout's rule, as a plain SDPA mask would be."""
+    pairs, parts = batch.pair_ids, batch.part_ids
+    positions = torch.arange(pairs.shape[-1])
+    rule = may_attend(pairs[:, :, None], parts[:, :, None], pairs[:, None, :], parts[:, None, :], positions[:, None], positions)
+    return rule[:, None]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +78,8 @@ def test_shared_prefix_docstring_example_exact_tensors():
     assert batch.attention_mask is None and batch.pixel_values is None
     assert batch.layout == "shared_prefix" and batch.num_pairs == 2 and batch.feature_repeat == 1
     assert batch.num_tokens == 9
-    mask = dense_attention_mask(batch.pair_ids, batch.part_ids)
+    assert pair_blocks(batch.pair_ids, batch.part_ids) == [(0, 0, 2, 1, 2), (1, 0, 1, 2, 1)]
+    mask = dense_mask(batch)
     assert mask.shape == (2, 1, 5, 5) and mask.dtype == torch.bool
     row0 = [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 0, 1, 0], [1, 1, 0, 1, 1]]
     assert_close(mask[0, 0].long(), torch.tensor(row0))
@@ -92,7 +109,8 @@ def test_packed_docstring_example_exact_tensors():
     assert_close(batch.target_ids, torch.tensor([8, 9, 9, 6, 3, 3, 4, 7]))
     assert_close(batch.segment_ids, torch.tensor([0, 1, 1, 2, 3, 3, 4, 5]))
     assert batch.layout == "packed" and batch.num_pairs == 3 and batch.num_tokens == 12
-    mask = dense_attention_mask(batch.pair_ids, batch.part_ids)[0, 0]
+    assert pair_blocks(batch.pair_ids, batch.part_ids) == [(0, 0, 2, 1, 2), (0, 5, 1, 1, 1), (1, 0, 1, 2, 1)]
+    mask = dense_mask(batch)[0, 0]
     assert not mask[5:, :5].any() and not mask[:5, 5:].any()  # block diagonal: pairs 0 and 2 apart
 
 
@@ -125,23 +143,29 @@ def test_auto_attention_is_sdpa_on_cpu_and_flex_on_cuda():
     assert attention_kernel("sdpa", torch.device("cuda")) == "sdpa"
 
 
-def test_flex_block_mask_computes_the_same_attention_as_the_dense_mask():
-    """The FlexAttention block mask (GPU path) and the dense SDPA mask (CPU path) encode one rule:
-    eager flex_attention with the block mask equals SDPA with the dense mask on a packed batch."""
+def test_both_kernels_compute_the_attention_of_the_rule():
+    """The FlexAttention block mask (GPU kernel) and the per-pair SDPA calls (CPU kernel) give the
+    attention of a dense mask built from :func:`may_attend`, on a packed batch with grouped-query
+    heads and blocks that cross FlexAttention's 128-token tiles (eager flex_attention on CPU)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    lengths = [(40, 9, 13), (150, 20, 7), (3, 1, 1), (70, 30, 30)]  # blocks cross 128-token tiles
+    lengths = [(40, 9, 13), (150, 20, 7), (3, 1, 1), (70, 30, 30)]
     pairs = [_pair(list(range(1, p + 1)), [1] * c, [2] * r) for p, c, r in lengths]
     batch = collate_packed(pairs, pad_id=0, pack_length=260)
     rows, length = batch.input_ids.shape
     generator = torch.Generator().manual_seed(0)
-    query, key, value = (torch.randn(rows, 2, length, 8, generator=generator) for _ in range(3))
-    dense = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=dense_attention_mask(batch.pair_ids, batch.part_ids)
-    )
-    flex = flex_attention(query, key, value, block_mask=flex_block_mask(batch.pair_ids, batch.part_ids))
+    query = torch.randn(rows, 4, length, 8, generator=generator)
+    key, value = (torch.randn(rows, 2, length, 8, generator=generator) for _ in range(2))
+    repeat = dict(repeats=2, dim=1)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(**repeat), value.repeat_interleave(**repeat), attn_mask=dense_mask(batch)
+    ).transpose(1, 2)
+    flex = flex_attention(query, key, value, block_mask=flex_block_mask(batch.pair_ids, batch.part_ids), enable_gqa=True)
+    per_pair, _ = pair_sdpa_attention(None, query, key, value, None, pair_blocks=pair_blocks(batch.pair_ids, batch.part_ids))
     real = batch.pair_ids >= 0
-    assert_close(flex.transpose(1, 2)[real], dense.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
+    assert_close(flex.transpose(1, 2)[real], expected[real], atol=1e-5, rtol=1e-5)
+    assert_close(per_pair[real], expected[real], atol=1e-5, rtol=1e-5)
+    assert not per_pair[~real].any()  # padding gets zeros
 
 
 def _token_logps(forward: PreferenceForward, batch) -> torch.Tensor:
