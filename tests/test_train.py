@@ -11,6 +11,7 @@ import math
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -200,8 +201,11 @@ def test_wandb_offline_run_logs_config_and_metrics(tiny_model_dir, tiny_mmpr_dir
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     (store,) = runs[0].glob("*.wandb")
-    # The offline store is protobuf records: key names appear verbatim in it.
-    data = store.read_bytes()
+    # The offline store is protobuf records: key names appear verbatim in it. wandb's service
+    # process may still be flushing it after finish() returns on a loaded machine.
+    deadline = time.monotonic() + 60
+    while b"rewards/margins" not in (data := store.read_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
     for key in (b"dpo_weight", b"micro_batch_size", b"loss/bco", b"bco/delta", b"rewards/margins"):
         assert key in data, key
 
