@@ -21,10 +21,11 @@ tokens/s (tokens the language model is fed, padding excluded: prefix sharing fee
 peak memory above the resting process during a step (RSS sampled every millisecond on CPU,
 ``torch.cuda.max_memory_allocated`` on GPU; weights and optimizer state are resting memory);
 the speed-up over ``plain`` in wall time and in CPU time (see :func:`cpu_clock`); the ideal
-speed-up from matmul FLOPs counted from the model's dimensions, the real tokens, the (query, key)
-pairs that really attend and the tiles each vision tower encoded (read by forward hooks), padding
-and masked-out attention left out; the FLOP rate achieved; and the largest difference of a summed
-response log-prob from the plain path's at the same step.
+speed-up, the ratio of matmul FLOPs counted from the model's dimensions (:class:`FlopModel`): the
+tokens each path feeds the language model, pad slots included, the (query, key) pairs that really
+attend, the scored tokens, and the tiles each vision tower encoded (read by forward hooks); the
+FLOP rate achieved; and the largest difference of a summed response log-prob from the plain
+path's at the same step.
 
 The default model, ``builtin:bench``, is the random ``bench`` InternVL of :mod:`mpo.tiny_model`
 (23 M parameters, 128-px tiles of 64 tokens), large enough that matrix products, not Python,
@@ -159,9 +160,10 @@ class FlopModel:
             tile=2 * tile,
         )
 
-    def language_forward(self, pairs: list[EncodedPair], shared_prefix: bool) -> float:
-        """Real tokens and the (query, key) pairs they really attend to; padding is left out."""
-        tokens = attended = scored = 0
+    def language_forward(self, pairs: list[EncodedPair], shared_prefix: bool, padding: int = 0) -> float:
+        """The tokens fed (``padding`` pad slots included: the linear layers compute them too),
+        the (query, key) pairs that really attend, and the LM head on the scored tokens."""
+        tokens, attended, scored = padding, 0, 0
         for pair in pairs:
             p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
             scored += c + r
@@ -173,9 +175,9 @@ class FlopModel:
                 attended += (p + c) * (p + c + 1) // 2 + (p + r) * (p + r + 1) // 2
         return tokens * self.token + attended * self.pair_of_tokens + scored * self.scored
 
-    def step(self, pairs: list[EncodedPair], shared_prefix: bool, policy_tiles: int, reference_tiles: int, vision_trainable: bool) -> float:
+    def step(self, pairs: list[EncodedPair], shared_prefix: bool, padding: int, policy_tiles: int, reference_tiles: int, vision_trainable: bool) -> float:
         """One training step: policy forward + backward (twice the forward), reference forward."""
-        language = self.language_forward(pairs, shared_prefix)
+        language = self.language_forward(pairs, shared_prefix, padding)
         vision = (3 if vision_trainable else 1) * policy_tiles + reference_tiles
         return 3 * language + language + vision * self.tile
 
@@ -282,9 +284,9 @@ def build_paths(base, reference_model, names: list[str], frozen: bool, pad_id: i
     return runs
 
 
-def train_step(run: PathRun, pairs: list[EncodedPair], device: torch.device, loss_fn: MPOLoss) -> int:
+def train_step(run: PathRun, pairs: list[EncodedPair], device: torch.device, loss_fn: MPOLoss) -> tuple[int, int]:
     """Collate, policy forward + backward, reference forward, AdamW step (the trainer's order);
-    returns the tokens the language model was fed."""
+    returns the real tokens the language model was fed and the pad slots beside them."""
     batch = run.collate(pairs).to(device)
     policy = run.policy(batch)
     reference = run.reference(batch, policy.image_features)
@@ -295,7 +297,7 @@ def train_step(run: PathRun, pairs: list[EncodedPair], device: torch.device, los
     run.shift.accumulate(output.chosen_rewards, output.rejected_rewards)
     run.shift.step()
     run.logps.append(torch.cat([policy.logps.chosen_logps, policy.logps.rejected_logps]).detach().float().cpu())
-    return batch.num_tokens
+    return batch.num_tokens, batch.input_ids.numel() - batch.num_tokens
 
 
 def cpu_clock() -> float:
@@ -320,7 +322,7 @@ def bench_scenario(args, scenario: Scenario, frozen: bool, base, reference_model
             run.policy_tiles.count = run.reference_tiles.count = 0
             with PeakMemory(device) as memory:
                 started, cpu_started = time.perf_counter(), cpu_clock()
-                tokens = train_step(run, pairs, device, loss_fn)
+                tokens, padding = train_step(run, pairs, device, loss_fn)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds, cpu_seconds = time.perf_counter() - started, cpu_clock() - cpu_started
@@ -332,7 +334,7 @@ def bench_scenario(args, scenario: Scenario, frozen: bool, base, reference_model
             run.pairs += len(pairs)
             run.peak_bytes = max(run.peak_bytes, memory.bytes)
             shared = PATHS[run.name][0] != "plain"
-            run.flops += flop_model.step(pairs, shared, run.policy_tiles.count, run.reference_tiles.count, not frozen)
+            run.flops += flop_model.step(pairs, shared, padding, run.policy_tiles.count, run.reference_tiles.count, not frozen)
     return summarize(runs, scenario, frozen), batches[args.warmup :]
 
 

@@ -38,9 +38,11 @@ def test_language_flops_count_the_prompt_once_with_prefix_sharing():
     pair = EncodedPair([1, 2, 3], [4], [5, 6], None)
     assert flops.language_forward([pair], shared_prefix=False) == 9 * 1000 + 25 * 10 + 3
     assert flops.language_forward([pair], shared_prefix=True) == 6 * 1000 + 19 * 10 + 3
+    # pad slots cost what tokens cost in the linear layers (they attend to nothing useful)
+    assert flops.language_forward([pair], shared_prefix=True, padding=2) == 8 * 1000 + 19 * 10 + 3
     # a step: policy forward + backward (3x) and reference forward (1x) of the language model, the
     # policy's tiles once (frozen tower) or three times (trained), the reference's once
-    assert FlopModel(1.0, 0.0, 0.0, 100.0).step([pair], False, policy_tiles=2, reference_tiles=2, vision_trainable=True) == 4 * 9 + 800
+    assert FlopModel(1.0, 0.0, 0.0, 100.0).step([pair], False, 0, policy_tiles=2, reference_tiles=2, vision_trainable=True) == 4 * 9 + 800
 
 
 def test_bench_cli_smoke(tiny_model_dir, tmp_path, capsys):
@@ -56,6 +58,6 @@ def test_bench_cli_smoke(tiny_model_dir, tmp_path, capsys):
     assert list(rows) == ["plain", "dedupe_vision", "shared_prefix", "packed"]
     assert rows["plain"]["speedup"] == rows["plain"]["ideal_speedup"] == 1.0
     assert 1.0 < rows["dedupe_vision"]["ideal_speedup"] < rows["shared_prefix"]["ideal_speedup"]
-    assert rows["packed"]["ideal_speedup"] == pytest.approx(rows["shared_prefix"]["ideal_speedup"])
+    assert rows["packed"]["ideal_speedup"] >= rows["shared_prefix"]["ideal_speedup"]  # less padding
     for row in rows.values():
         assert row["max_logp_diff"] < 1e-3 and row["pairs_per_s"] > 0 and row["peak_mb"] >= 0

@@ -265,7 +265,7 @@ def _train(tiny_model_dir: Path, tiny_mmpr_dir: Path, out: Path, layout: str) ->
     recipe = {
         "model": {"name_or_path": str(tiny_model_dir), "dtype": "float32"},
         "data": {"meta_path": str(tiny_mmpr_dir / "meta.json"), "max_dynamic_patch": 4, "video_frames": 4},
-        "forward": {"layout": layout, "pack_length": 1024},
+        "forward": {"layout": layout},
         "train": {"lr": 2e-3, "warmup_ratio": 0.0, "lr_scheduler": "constant", "micro_batch_size": 4,
                   "gradient_accumulation_steps": 1, "max_steps": 2, "mixed_precision": "no"},
         "output_dir": str(out),
@@ -280,14 +280,14 @@ def _train(tiny_model_dir: Path, tiny_mmpr_dir: Path, out: Path, layout: str) ->
 
 
 def test_two_training_steps_log_the_same_losses_as_plain(tiny_model_dir, tiny_mmpr_dir, tmp_path):
-    """Same pairs, same weights: the shared-prefix and packed layouts train exactly like the plain
-    one (step 2 checks the gradients and the optimizer step too)."""
+    """Same pairs, same weights: the shared-prefix layout trains exactly like the plain one through
+    the real trainer (step 2 checks the gradients and the optimizer step too). The packed layout
+    runs the same code per pair block; its log-probs are checked token by token above."""
     plain = _train(tiny_model_dir, tiny_mmpr_dir, tmp_path / "plain", "plain")
-    for layout in ("shared_prefix", "packed"):
-        rows = _train(tiny_model_dir, tiny_mmpr_dir, tmp_path / layout, layout)
-        for key in ("loss", "loss/dpo", "loss/bco", "loss/sft", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
-            assert [r[key] for r in rows] == pytest.approx([r[key] for r in plain], rel=1e-4, abs=1e-5), (layout, key)
-        assert rows[0]["tokens_per_s"] > 0
+    shared = _train(tiny_model_dir, tiny_mmpr_dir, tmp_path / "shared", "shared_prefix")
+    for key in ("loss", "loss/dpo", "loss/bco", "loss/sft", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm"):
+        assert [r[key] for r in shared] == pytest.approx([r[key] for r in plain], rel=1e-4, abs=1e-5), key
+    assert shared[1]["rewards/margins"] != 0.0  # the second step trained a moved policy
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention trains on CUDA only")
