@@ -21,6 +21,7 @@ import copy
 from torch import nn
 
 from mpo.config import ModelConfig
+from mpo.errors import DataError
 
 
 def text_hidden_size(config: ModelConfig) -> int:
@@ -47,6 +48,21 @@ def _fill_bucket_sizes(zero: dict, hidden_size: int) -> None:
     for key, value in values.items():
         if zero.get(key, "auto") == "auto":
             zero[key] = value
+
+
+def check_supported(accelerator, config: ModelConfig) -> None:
+    """Refuses, in one line, what is known not to run under the launched DeepSpeed stage.
+
+    LoRA adapters on the vision tower under ZeRO-3 desynchronise DeepSpeed's recorded module
+    trace across processes after the first step (measured here: a collective mismatch or a hang
+    at step 2, with or without prefetching); adapters on the language model run fine.
+    """
+    stage = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+    if stage == 3 and config.lora.enabled and config.lora.vision:
+        raise DataError(
+            "LoRA on the vision tower does not run under ZeRO-3; use launch/zero2.yaml or model.lora.vision=false",
+            field="model.lora.vision",
+        )
 
 
 def configure_deepspeed(accelerator, micro_batch_size: int, accumulation_steps: int, max_grad_norm: float, hidden_size: int) -> None:

@@ -14,6 +14,16 @@ def _strip_wrapper(state_dict: dict, prefix: str = "model.") -> dict:
     return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
 
 
+def _drop_tied_copies(state_dict: dict, model) -> dict:
+    """Removes weights tied to another (a tied LM head), as ``save_pretrained`` does by storage.
+
+    A gathered (ZeRO) or merged state dict holds separate tensors for tied weights, so the
+    storage check cannot see the tie and would write the embedding twice.
+    """
+    tied = model.get_expanded_tied_weights_keys()
+    return {key: value for key, value in state_dict.items() if not (key in tied and tied[key] in state_dict)}
+
+
 def merge_lora_state_dict(state_dict: dict, scaling: float, adapter: str = "default") -> dict:
     """The plain HF state dict of a LoRA model with its adapters folded in: W + scaling * B @ A.
 
@@ -58,12 +68,15 @@ def save_final_model(accelerator, policy, processor, recipe: Recipe) -> Path:
         state_dict = _strip_wrapper(gathered)
         model = accelerator.unwrap_model(policy).model
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        processor.save_pretrained(tmp)
         lora = recipe.model.lora
+        # A peft model saves its adapter only (its own filter); a full model drops tied copies.
+        full = state_dict if lora.enabled else _drop_tied_copies(state_dict, model)
+        model.save_pretrained(tmp, state_dict=full, safe_serialization=True)
+        processor.save_pretrained(tmp)
         if lora.enabled and lora.merge_on_save:
-            merged = merge_lora_state_dict(state_dict, lora.alpha / lora.r)
-            base_model(model).save_pretrained(tmp / "merged", state_dict=merged, safe_serialization=True)
+            hf_model = base_model(model)
+            merged = _drop_tied_copies(merge_lora_state_dict(state_dict, lora.alpha / lora.r), hf_model)
+            hf_model.save_pretrained(tmp / "merged", state_dict=merged, safe_serialization=True)
             processor.save_pretrained(tmp / "merged")
         if out.exists():
             shutil.rmtree(out)

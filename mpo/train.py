@@ -190,8 +190,9 @@ class MPOTrainer:
         self.reward_shift = RewardShift(recipe.loss.delta_mode, recipe.loss.delta_ema_decay)
 
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            from mpo.distributed import configure_deepspeed, text_hidden_size
+            from mpo.distributed import check_supported, configure_deepspeed, text_hidden_size
 
+            check_supported(accelerator, recipe.model)
             # No dataloader goes through prepare(): DeepSpeed learns batch, accumulation and
             # clipping here, before ZeRO-3 partitions the weights as they load.
             configure_deepspeed(

@@ -17,7 +17,8 @@ zero3.yaml            losses and delta match; reference sharded; the final save 
                       directory, equal to the 1-process one
 two_node_zero3.yaml   two "machines" on localhost (machine_rank 0 and 1, one process each) resume
                       the ZeRO-3 run from its step-2 checkpoint and reproduce its step 3
-zero1.yaml            LoRA: losses match a 1-process LoRA run; the adapter is saved
+zero1.yaml            LoRA: losses match a 1-process LoRA run; adapter and merged model saved
+                      (LoRA under zero3.yaml too: merged from the gathered shards)
 zero3_offload.yaml    ``mpo precompute-ref`` with the reference's weights offloaded to CPU; the
                       stored log-probs equal a 1-process precompute. Training with this config
                       needs DeepSpeed's CPU Adam, a further JIT build of minutes, so it is not run
@@ -197,11 +198,16 @@ def test_zero3_save_is_one_plain_transformers_directory(launched):
     loads, holding the same weights as the 1-process run's final model."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from safetensors import safe_open
+
     final = launched("zero3.yaml") / "final"
     assert not list(final.glob("*.bin")) and (final / "model.safetensors").exists()
+    single_final = launched("single_gpu.yaml") / "final"
+    with safe_open(str(final / "model.safetensors"), "pt") as a, safe_open(str(single_final / "model.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())  # the tied LM head is not written twice
     AutoProcessor.from_pretrained(final)
     sharded = AutoModelForImageTextToText.from_pretrained(final).state_dict()
-    single = AutoModelForImageTextToText.from_pretrained(launched("single_gpu.yaml") / "final").state_dict()
+    single = AutoModelForImageTextToText.from_pretrained(single_final).state_dict()
     assert sharded.keys() == single.keys()
     for name, value in single.items():
         torch.testing.assert_close(sharded[name], value, rtol=1e-4, atol=1e-4, msg=name)
@@ -229,20 +235,38 @@ def test_two_node_config_resumes_the_zero3_run(launch_env, launched, tiny_model_
     assert views[0]["delta"] == views[1]["delta"] == pytest.approx(rank_views(zero3, 2)[0]["delta"], rel=1e-6)
 
 
-LORA = {"model.lora.enabled": "true", "model.lora.r": 4, "model.lora.alpha": 8, "model.lora.dropout": 0.0}
+LORA = {
+    "model.lora.enabled": "true", "model.lora.r": 4, "model.lora.alpha": 8, "model.lora.dropout": 0.0,
+    "model.lora.merge_on_save": "true",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lora_single(tiny_model_dir, tiny_mmpr_dir, tmp_path_factory) -> Path:
+    """A 1-process LoRA run (micro-batch 2), in-process."""
+    out = tmp_path_factory.mktemp("lora_single")
+    run_in_process(overrides(tiny_model_dir, tiny_mmpr_dir, out, **LORA, **{"train.micro_batch_size": 2}))
+    return out
 
 
 @pytest.mark.slow
-def test_lora_under_zero1_matches_one_process(launch_env, tiny_model_dir, tiny_mmpr_dir, tmp_path):
-    """LoRA (dropout 0, so both runs draw nothing at random) with the adapters-disabled reference:
-    2 processes under ZeRO-1 log the 1-process losses, and the final directory is the adapter."""
-    single = tmp_path / "single"
-    run_in_process(overrides(tiny_model_dir, tiny_mmpr_dir, single, **LORA, **{"train.micro_batch_size": 2}))
-    out = tmp_path / "zero1"
-    launch(launch_env, "zero1.yaml", [str(PROBE), str(RECIPE)], overrides(tiny_model_dir, tiny_mmpr_dir, out, **LORA))
-    assert_same_losses(metrics(out), metrics(single))
+@pytest.mark.parametrize("config", ["zero1.yaml", "zero3.yaml"])
+def test_lora_under_zero_matches_one_process(launch_env, lora_single, tiny_model_dir, tiny_mmpr_dir, tmp_path, config):
+    """LoRA (dropout 0, so no run draws anything at random) with the adapters-disabled reference:
+    2 processes log the 1-process losses; the final directory holds the adapter, and the merged
+    model (under ZeRO-3 merged from the gathered shards) equals the 1-process one."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    launch(launch_env, config, [str(PROBE), str(RECIPE)], overrides(tiny_model_dir, tiny_mmpr_dir, out, **LORA))
+    assert_same_losses(metrics(out), metrics(lora_single))
     assert {v["reference"] for v in rank_views(out, 2)} == {"DisabledAdapterReference"}
     assert (out / "final" / "adapter_model.safetensors").exists() and (out / "final" / "adapter_config.json").exists()
+    merged = load_file(out / "final" / "merged" / "model.safetensors")
+    expected = load_file(lora_single / "final" / "merged" / "model.safetensors")
+    assert merged.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(merged[name], value, rtol=1e-4, atol=1e-4, msg=name)
 
 
 @pytest.mark.slow
