@@ -104,6 +104,7 @@ class ForwardConfig:
     """Run the vision tower once per pair instead of once per row, and let the reference reuse
     the policy's image features when the vision tower and projector are frozen."""
     attention: Literal["auto", "sdpa", "flex"] = "auto"
+    """``auto``: FlexAttention on CUDA, per-pair SDPA elsewhere; ``sdpa`` / ``flex`` force one."""
     pack_length: int = 0
     """Row length for ``packed`` (0: ``data.max_length``)."""
 
