@@ -44,7 +44,7 @@ def judge_response(response: str, answer: str) -> tuple[str | None, str]:
 
 
 def evaluate(model_dir: Path, questions: list[dict], image_root: Path, out_path: Path,
-             max_new_tokens: int, batch_size: int, desc: str = "eval") -> EvalResult:
+             max_new_tokens: int, batch_size: int, prompt: str, desc: str = "eval") -> EvalResult:
     """Answers every question greedily and judges it; writes one JSON line per question.
 
     Args:
@@ -54,6 +54,7 @@ def evaluate(model_dir: Path, questions: list[dict], image_root: Path, out_path:
         out_path: predictions JSONL (question id, kind, response, extracted answer, status).
         max_new_tokens: generation budget per response.
         batch_size: questions per generate call.
+        prompt: the chain-of-thought template the model was trained with (``v1`` or ``short``).
     """
     from data_pipeline.backends import GenerationRequest, SamplingParams, TransformersBackend
     from mpo.inputs import load_image
@@ -66,7 +67,7 @@ def evaluate(model_dir: Path, questions: list[dict], image_root: Path, out_path:
     with tqdm(total=len(ordered), desc=desc, unit="q", dynamic_ncols=True, mininterval=0.5) as bar:
         for start in range(0, len(ordered), batch_size):
             batch = ordered[start : start + batch_size]
-            requests = [GenerationRequest(question=cot_prompt(r["question"]), images=(load_image(image_root / r["image"]),))
+            requests = [GenerationRequest(question=cot_prompt(r["question"], prompt), images=(load_image(image_root / r["image"]),))
                         for r in batch]
             for record, generation in zip(batch, backend.generate(requests, params)):
                 response = generation.texts[0]

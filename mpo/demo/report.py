@@ -199,7 +199,7 @@ def plot_accuracy(results: list[SeedResult], path: Path) -> Path:
 
 
 def write_report(out_dir: Path, settings: dict, results: list[SeedResult], preset: str,
-                 total_wall: float, total_cpu: float) -> Path:
+                 total_wall: float, total_cpu: float, machine: str = "") -> Path:
     """Writes ``report.md``, ``accuracy.png`` and one ``training_curves_seed<N>.png`` per seed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_accuracy(results, out_dir / "accuracy.png")
@@ -237,7 +237,8 @@ def write_report(out_dir: Path, settings: dict, results: list[SeedResult], prese
         "",
         "## Timings",
         "",
-        f"Total: {total_wall:.0f} s wall, {total_cpu:.0f} s CPU (this process; CPU time counts every core).",
+        f"Total: {total_wall:.0f} s wall, {total_cpu:.0f} s CPU (this process; CPU time counts every core). "
+        f"Machine: {machine or 'not recorded'}.",
         "",
         *timing_table(results),
         "",

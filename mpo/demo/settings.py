@@ -59,8 +59,10 @@ class DemoSettings:
     eval_batch: int = 64
     """Questions per greedy generate call."""
 
-    layout: str = "plain"
-    """The trainer's forward layout (``forward.layout``)."""
+    prompt: str = "v1"
+    """The chain-of-thought template: ``v1`` (the pipeline's official wording) or ``short``."""
+    layout: str = "shared_prefix"
+    """The trainer's forward layout (``forward.layout``): the prompt once per pair."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -69,9 +71,9 @@ class DemoSettings:
 PRESETS: dict[str, DemoSettings] = {
     "default": DemoSettings(),
     "quick": DemoSettings(
-        train_images=8, test_images=4, questions_per_image=2, sft_steps=4, sft_batch=4,
-        num_samples=2, max_new_tokens=24, sample_batch=8, max_pairs=2, ntp_questions=4,
-        pref_steps=2, pref_batch=2, eval_batch=8,
+        train_images=8, test_images=4, questions_per_image=2, model_size="tiny", prompt="short",
+        sft_steps=40, sft_batch=8, sft_lr=5e-3, num_samples=4, max_new_tokens=40, sample_batch=8,
+        max_pairs=2, ntp_questions=4, pref_steps=2, pref_batch=2, eval_batch=8,
     ),
 }
 

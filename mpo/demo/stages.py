@@ -50,11 +50,25 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def cot_prompt(question: str) -> str:
-    """The user turn for a raw shapes question: the pipeline's v1 chain-of-thought prompt."""
-    from data_pipeline.prompts import BUILTIN_TEMPLATES, build_cot_prompt
+# A compact chain-of-thought instruction in the pipeline's v1 answer format ("Final answer: .."):
+# the official v1 wording is ~35 tokens, a third of a whole demo sequence, repeated in every row.
+SHORT_TEMPLATE = 'Think step by step, then answer as "Final answer: ..".\n{question}'
 
-    return build_cot_prompt(question, 1, BUILTIN_TEMPLATES["v1"])
+
+def prompt_template(name: str):
+    """The pipeline template for ``DemoSettings.prompt``: ``v1`` (official wording) or ``short``."""
+    from data_pipeline.prompts import get_template
+
+    if name == "short":
+        return get_template("custom", SHORT_TEMPLATE, "final_answer")
+    return get_template(name)
+
+
+def cot_prompt(question: str, prompt: str) -> str:
+    """The user turn for a raw shapes question, as the pipeline builds it (``<image>`` first)."""
+    from data_pipeline.prompts import build_cot_prompt
+
+    return build_cot_prompt(question, 1, prompt_template(prompt))
 
 
 def task_records(task_dir: Path, split: str) -> tuple[list[dict], list[dict]]:
@@ -71,15 +85,15 @@ def build_model(task_dir: Path, out_dir: Path, settings: DemoSettings, seed: int
     from mpo.tiny_model import build_tiny_model
 
     checkable, describe = task_records(task_dir, "train")
-    corpus = [cot_prompt(r["question"]) + "\n" + r["cot"] for r in checkable + describe]
+    corpus = [cot_prompt(r["question"], settings.prompt) + "\n" + r["cot"] for r in checkable + describe]
     return build_tiny_model(out_dir, size=settings.model_size, seed=seed, max_patches=1, corpus=corpus)
 
 
-def write_sft_data(task_dir: Path, out_path: Path) -> int:
+def write_sft_data(task_dir: Path, out_path: Path, prompt: str) -> int:
     """The SFT set: every train question and describe item with its reference chain of thought."""
     checkable, describe = task_records(task_dir, "train")
     lines = [
-        {"image": r["image"], "question": cot_prompt(r["question"]), "chosen": r["cot"],
+        {"image": r["image"], "question": cot_prompt(r["question"], prompt), "chosen": r["cot"],
          "rejected": SFT_PLACEHOLDER_REJECTED, "id": r["id"]}
         for r in checkable + describe
     ]
@@ -138,7 +152,6 @@ def build_pairs(model_dir: Path, task_dir: Path, out_dir: Path, settings: DemoSe
     from data_pipeline.backends import SamplingParams, TransformersBackend
     from data_pipeline.build import BuildPaths, PairSettings, run_build
     from data_pipeline.dropout_ntp import NTPSettings
-    from data_pipeline.prompts import BUILTIN_TEMPLATES
     from data_pipeline.records import read_questions
     from data_pipeline.sample import SampleSettings
 
@@ -157,7 +170,7 @@ def build_pairs(model_dir: Path, task_dir: Path, out_dir: Path, settings: DemoSe
         questions, bad = read_questions(input_path, name, skip_bad=False)
         summary = run_build(
             questions, bad, task_dir, BuildPaths.of(out_dir, name), backend,
-            SampleSettings(BUILTIN_TEMPLATES["v1"], num_samples, params, seed, settings.sample_batch),
+            SampleSettings(prompt_template(settings.prompt), num_samples, params, seed, settings.sample_batch),
             NTPSettings(0.5, 1, params, seed, settings.sample_batch),
             PairSettings(settings.max_pairs, seed),
             modes=MATCH_MODES, threshold=0.9, progress=progress,
