@@ -85,7 +85,7 @@ def dataset_summary(match_stats: dict[str, MatchStats], pair_stats: dict[str, Pa
             "questions": m.questions, "checkable_questions": m.checkable_questions, "samples": m.samples,
             "parse_failures": m.parse_failures, "correct": m.correct, "incorrect": m.incorrect,
             "accuracy": m.accuracy, "all_correct": p.all_correct, "all_wrong": p.all_wrong,
-            "substring_skipped": p.substring_skipped,
+            "substring_skipped": p.substring_skipped, "empty_responses": p.empty_responses,
         }
     return out
 

@@ -6,6 +6,8 @@ Per question with a ground truth (the official MMPR rules):
   substring of the incorrect one (``3`` vs ``13``: the judge may be wrong, so no pair), then at
   most ``max_pairs`` of them, sampled with a per-question seed;
 * format pairs: every correct x unparsable response, capped the same way;
+* an empty (or whitespace-only) response is never paired: a zero-length response has no tokens
+  to score, and the trainer rejects empty sides; it is counted as ``empty_responses``;
 * questions with every response correct give no pairs (reported); questions with none correct
   are written out for re-sampling;
 * optional answer fix: the chosen response's final answer is rewritten to the ground truth.
@@ -67,6 +69,7 @@ class PairStats:
     all_correct: int = 0
     all_wrong: int = 0  # no correct response: written for re-sampling
     substring_skipped: int = 0
+    empty_responses: int = 0  # never paired (see the module docstring)
     correctness_pairs: int = 0
     format_pairs: int = 0
 
@@ -130,6 +133,9 @@ def build_answer_pairs(matched: Sequence[SampleRecord], max_pairs: int = 15, see
         stats = result.stats[record.dataset]
         stats.questions += 1
         status = [j.status for j in record.judgements]
+        empty = [i for i, text in enumerate(record.responses) if not text.strip()]
+        stats.empty_responses += len(empty)
+        status = ["empty" if i in empty else s for i, s in enumerate(status)]
         correct = _unique((i for i, s in enumerate(status) if s == "correct"), record.responses)
         incorrect = _unique((i for i, s in enumerate(status) if s == "incorrect"), record.responses)
         unparsable = _unique((i for i, s in enumerate(status) if s == "unparsable"), record.responses)

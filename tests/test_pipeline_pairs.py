@@ -75,6 +75,15 @@ def test_pair_counts_on_hand_made_responses() -> None:
     assert first["rejected_meta"] == {"id": "q1", "index": 3, "answer": "4", "score": 0.0, "mode": None}
 
 
+def test_empty_responses_are_never_paired() -> None:
+    """An empty or blank sample is unparsable, yet pairing it would give the trainer an empty side."""
+    records = judged([sample_record("q1", "3", ["R.\nFinal answer: 3", "", "  \n", "garbage", "S.\nFinal answer: 4"], 1)])
+    result = build_answer_pairs(records, max_pairs=15, seed=0)
+    assert indices(result.format) == [(0, 3)]
+    assert indices(result.correctness) == [(0, 4)]
+    assert result.stats["toy"].empty_responses == 2
+
+
 def test_pair_cap_is_a_seeded_sample() -> None:
     """5 distinct correct x 5 distinct incorrect = 25 candidates, capped at 15; the seed picks which."""
     responses = [f"Way {i}.\nFinal answer: 1" for i in range(5)] + [f"Way {i}.\nFinal answer: 2{i}" for i in range(5)]
