@@ -112,6 +112,11 @@ class ForwardConfig:
 @dataclass
 class TrainConfig:
     lr: float = 1e-6
+    vision_lr: float = 0.0
+    """Peak rate of the vision tower (0: ``lr``); a from-scratch or newly unfrozen encoder often
+    wants a higher one than the language model."""
+    projector_lr: float = 0.0
+    """Peak rate of the multimodal projector (0: ``lr``)."""
     weight_decay: float = 0.05
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999

@@ -66,19 +66,26 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """AdamW; biases and norm weights (1-D parameters) get no weight decay, as in HF Trainer."""
-    decay, no_decay = [], []
-    for parameter in model.parameters():
+    """AdamW; biases and norm weights (1-D parameters) get no weight decay, as in HF Trainer.
+
+    The vision tower and the projector get their own peak rate when ``train.vision_lr`` /
+    ``train.projector_lr`` are set; the scheduler scales every group by the same factor, and the
+    language model's rate comes first, so ``get_last_lr()[0]`` is the logged ``lr``.
+    """
+    train = recipe.train
+    rates = {"language": train.lr, "vision": train.vision_lr or train.lr, "projector": train.projector_lr or train.lr}
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {(part, decay): [] for part in rates for decay in (True, False)}
+    for name, parameter in model.named_parameters():
         if parameter.requires_grad:
+            part = "vision" if "vision_tower" in name else "projector" if "multi_modal_projector" in name else "language"
             # A ZeRO-3 partitioned parameter is an empty 1-D placeholder; ds_shape is its real shape.
             ndim = len(parameter.ds_shape) if hasattr(parameter, "ds_shape") else parameter.ndim
-            (no_decay if ndim < 2 else decay).append(parameter)
-    train = recipe.train
-    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups[part, ndim >= 2].append(parameter)
     return torch.optim.AdamW(
         # DeepSpeed drops an empty group (LoRA trains no 1-D weights), leaving the scheduler with
         # more rates than groups; so no empty group is made.
-        [group for group in groups if group["params"]],
+        [{"params": params, "lr": rates[part], "weight_decay": train.weight_decay if decay else 0.0}
+         for (part, decay), params in groups.items() if params],
         lr=train.lr,
         betas=(train.adam_beta1, train.adam_beta2),
     )

@@ -80,7 +80,8 @@ def run_seed(settings: DemoSettings, seed: int, out: Path) -> SeedResult:
     task, total = out / "task", 7
     with _stage(timings, "task + model", 1, total, seed):
         generate_shapes_task(task, num_train_images=settings.train_images, num_test_images=settings.test_images,
-                             questions_per_image=settings.questions_per_image, seed=seed, image_size=settings.image_size)
+                             questions_per_image=settings.questions_per_image, seed=seed, image_size=settings.image_size,
+                             grid=settings.grid)
         model = build_model(task, out / "model", settings, seed)
     test_questions, _ = task_records(task, "test")
     result.eval_questions = len(test_questions)

@@ -25,6 +25,8 @@ class DemoSettings:
     questions_per_image: int = 4
     image_size: int = 64
     """One 64-px tile per image: 16 image tokens for the demo model."""
+    grid: int = 4
+    """Shapes centred in cells of a 4 x 4 grid, one cell per image token (0: anywhere)."""
 
     # -- the model (mpo.tiny_model)
     model_size: str = "small"
@@ -34,6 +36,8 @@ class DemoSettings:
     sft_steps: int = 150
     sft_batch: int = 16
     sft_lr: float = 2e-3
+    vision_lr_scale: float = 1.0
+    """The vision tower's and projector's rate over the language model's, in every stage."""
 
     # -- stage 2: preference data from the SFT model's own samples (data_pipeline)
     sample_questions: int = 0

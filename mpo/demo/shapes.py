@@ -144,14 +144,14 @@ def _scene_key(scene: Sequence[Shape]) -> tuple[Shape, ...]:
 
 def _make_items(
     split: str, count: int, seed: int, image_size: int, questions_per_image: int,
-    avoid: set[tuple[Shape, ...]],
+    avoid: set[tuple[Shape, ...]], grid: int = 0,
 ) -> list[_Item]:
     items = []
     for index in range(1, count + 1):
         attempt = 0
         while True:
             rng = _image_rng(seed, split, index, attempt)
-            scene = sample_scene(rng, image_size)
+            scene = sample_scene(rng, image_size, grid)
             if _scene_key(scene) not in avoid:
                 break
             attempt += 1  # an exact repeat of a train scene: redraw, so test stays unseen
@@ -201,6 +201,7 @@ def generate_shapes_task(
     questions_per_image: int,
     seed: int,
     image_size: int = 64,
+    grid: int = 0,
 ) -> dict[str, Any]:
     """Generate the shapes task under ``out_dir`` (layout in the module docstring).
 
@@ -212,6 +213,8 @@ def generate_shapes_task(
         questions_per_image: distinct checkable questions per image, 1 to 12.
         seed: the same seed gives byte-identical files.
         image_size: side of the square images in pixels (at least 32).
+        grid: 0 places shapes anywhere; N > 0 centres each in its own cell of an N x N grid
+            (see ``sample_scene``).
 
     Returns:
         The summary also written to ``summary.json``: the settings, the number of images,
@@ -223,10 +226,12 @@ def generate_shapes_task(
         raise ValueError(f"questions_per_image must be in 1..{MAX_QUESTIONS_PER_IMAGE}")
     if image_size < 32:
         raise ValueError("image_size must be >= 32 to fit 5 distinguishable shapes")
-    train = _make_items("train", num_train_images, seed, image_size, questions_per_image, set())
+    if grid < 0 or (grid and image_size // grid < 8):
+        raise ValueError("grid must be 0 (free placement) or leave cells of at least 8 px")
+    train = _make_items("train", num_train_images, seed, image_size, questions_per_image, set(), grid)
     train_scenes = {_scene_key(item.scene) for item in train}
     test = _make_items("test", num_test_images, seed, image_size, questions_per_image,
-                       train_scenes)
+                       train_scenes, grid)
     # The guarantee the held-out evaluation rests on: no test image was ever seen in training.
     # A raise, not an assert, so that it holds under ``python -O`` too.
     if not (train_scenes.isdisjoint(_scene_key(item.scene) for item in test)
@@ -234,7 +239,7 @@ def generate_shapes_task(
         raise RuntimeError("a test image repeats a train image")
 
     out = Path(out_dir)
-    summary: dict[str, Any] = {"seed": seed, "image_size": image_size,
+    summary: dict[str, Any] = {"seed": seed, "image_size": image_size, "grid": grid,
                                "questions_per_image": questions_per_image}
     kinds: dict[str, dict[str, int]] = {}
     for split, items in zip(SPLITS, (train, test), strict=True):
@@ -264,10 +269,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="checkable questions per image")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--grid", type=int, default=0,
+                        help="0: shapes anywhere; N: each shape centred in its own cell of an N x N grid")
     args = parser.parse_args(argv)
     summary = generate_shapes_task(
         args.out_dir, num_train_images=args.train, num_test_images=args.test,
-        questions_per_image=args.questions_per_image, seed=args.seed, image_size=args.image_size)
+        questions_per_image=args.questions_per_image, seed=args.seed, image_size=args.image_size, grid=args.grid)
     json.dump(summary, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

@@ -122,7 +122,7 @@ def train(
         "loss": {"beta": settings.beta, "dpo_weight": weights.dpo, "bco_weight": weights.bco,
                  "sft_weight": weights.sft},
         "forward": {"layout": settings.layout},
-        "train": {"lr": lr, "max_steps": steps, "micro_batch_size": batch, "mixed_precision": "no",
+        "train": {"lr": lr, "vision_lr": lr * settings.vision_lr_scale, "projector_lr": lr * settings.vision_lr_scale, "max_steps": steps, "micro_batch_size": batch, "mixed_precision": "no",
                   "warmup_ratio": 0.05, "lr_scheduler": "cosine", "log_every": 1},
         "output_dir": str(out_dir),
         "seed": seed,
