@@ -278,11 +278,18 @@ FAMILIES: dict[str, _Family] = {
 
 
 def sample_questions(
-    shapes: Sequence[Shape], image_size: int, rng: random.Random, num_questions: int
+    shapes: Sequence[Shape], image_size: int, rng: random.Random, num_questions: int,
+    families: Sequence[str] = (),
 ) -> list[Question]:
-    """Draw ``num_questions`` distinct questions, one family after another in a shuffled order."""
-    pools = {kind: family(shapes, image_size, rng) for kind, family in FAMILIES.items()}
-    kinds = [kind for kind in FAMILIES if pools[kind]]
+    """Draw ``num_questions`` distinct questions, one family after another in a shuffled order.
+
+    ``families`` limits the draw to those kinds (empty: every family).
+    """
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown question families {unknown}; choose from {', '.join(FAMILIES)}")
+    pools = {kind: family(shapes, image_size, rng) for kind, family in FAMILIES.items() if not families or kind in families}
+    kinds = [kind for kind in pools if pools[kind]]
     rng.shuffle(kinds)
     chosen: list[Question] = []
     asked: set[str] = set()

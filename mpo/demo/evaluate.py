@@ -25,6 +25,8 @@ class EvalResult:
     correct: int
     unparsable: int
     per_kind: dict[str, float] = field(default_factory=dict)
+    predictions: list[dict] = field(default_factory=list, repr=False)
+    """One line per question, sorted by id (also written to the predictions JSONL)."""
 
     @property
     def accuracy(self) -> float:
@@ -86,4 +88,31 @@ def evaluate(model_dir: Path, questions: list[dict], image_root: Path, out_path:
         correct=sum(right.values()),
         unparsable=sum(p["status"] == "unparsable" for p in predictions),
         per_kind={kind: right[kind] / totals[kind] for kind in sorted(totals)},
+        predictions=predictions,
     )
+
+
+# The image-swap test runs on these models only: each costs one more greedy pass.
+IMAGE_SWAP_METHODS = ("sft", "mpo")
+
+
+def majority_baseline(train: list[dict], test: list[dict]) -> float:
+    """Accuracy of answering every test question with its family's most common train answer."""
+    by_kind: dict[str, Counter] = {}
+    for record in train:
+        by_kind.setdefault(record["kind"], Counter())[record["answer"]] += 1
+    guesses = {kind: counts.most_common(1)[0][0] for kind, counts in by_kind.items()}
+    return sum(guesses.get(r["kind"]) == r["answer"] for r in test) / len(test) if test else 0.0
+
+
+def swap_images(questions: list[dict]) -> list[dict]:
+    """The same questions, each over the next held-out image (cyclically, in image order)."""
+    images = sorted({r["image"] for r in questions})
+    following = {image: images[(i + 1) % len(images)] for i, image in enumerate(images)}
+    return [{**r, "image": following[r["image"]]} for r in questions]
+
+
+def changed_share(original: list[dict], swapped: list[dict]) -> float:
+    """Share of questions (matched by id) whose extracted answer differs between two runs."""
+    answers = {p["id"]: p["extracted"] for p in original}
+    return sum(answers[p["id"]] != p["extracted"] for p in swapped) / len(swapped) if swapped else 0.0

@@ -48,6 +48,10 @@ class SeedResult:
     """stage -> {"wall": s, "cpu": s}."""
     runs: dict[str, str] = field(default_factory=dict)
     """training run -> its output directory (holding metrics.jsonl)."""
+    majority_baseline: float | None = None
+    """Held-out accuracy of answering each family's most common train answer, image unseen."""
+    image_sensitivity: dict[str, float] = field(default_factory=dict)
+    """method -> share of held-out answers that change when each image is swapped for another."""
 
 
 def _points(value: float) -> str:
@@ -198,6 +202,23 @@ def plot_accuracy(results: list[SeedResult], path: Path) -> Path:
     return path
 
 
+def diagnostics(results: list[SeedResult]) -> list[str]:
+    """How far the models read the image: the no-image baseline and the image-swap test."""
+    lines = []
+    baselines = [r.majority_baseline for r in results if r.majority_baseline is not None]
+    if baselines:
+        lines.append(f"Majority-answer baseline (each question family's most common train answer, image unseen): "
+                     f"{_mean_spread(baselines)} %.")
+    methods = [m for m in METHOD_LABELS if all(m in r.image_sensitivity for r in results)]
+    if methods:
+        shares = ", ".join(f"{METHOD_LABELS[m]} {_mean_spread([r.image_sensitivity[m] for r in results])} %" for m in methods)
+        lines.append(f"Held-out answers that change when each image is swapped for another test image: {shares}. "
+                     "A model that reads the image changes most of its answers; one near 0 % answers from the "
+                     "question text alone, and preference pairs from its samples can then only move it "
+                     "towards the answer distribution of each family, never past the majority baseline.")
+    return lines
+
+
 def write_report(out_dir: Path, settings: dict, results: list[SeedResult], preset: str,
                  total_wall: float, total_cpu: float, machine: str = "") -> Path:
     """Writes ``report.md``, ``accuracy.png`` and one ``training_curves_seed<N>.png`` per seed."""
@@ -219,6 +240,7 @@ def write_report(out_dir: Path, settings: dict, results: list[SeedResult], prese
         "",
         _gain_verdict(results),
         "",
+        *[line for item in diagnostics(results) for line in (item, "")],
         "![accuracy](accuracy.png)",
         "",
         "## Accuracy per question family (%, mean over seeds)",

@@ -70,7 +70,7 @@ def _fresh_dir(path: Path) -> Path:
 
 def run_seed(settings: DemoSettings, seed: int, out: Path) -> SeedResult:
     """Every stage for one seed under ``out``; returns what the report needs."""
-    from mpo.demo.evaluate import evaluate
+    from mpo.demo.evaluate import IMAGE_SWAP_METHODS, changed_share, evaluate, majority_baseline, swap_images
     from mpo.demo.shapes import generate_shapes_task
     from mpo.demo.stages import METHODS, LossWeights, build_model, build_pairs, task_records, train, write_sft_data
 
@@ -81,14 +81,22 @@ def run_seed(settings: DemoSettings, seed: int, out: Path) -> SeedResult:
     with _stage(timings, "task + model", 1, total, seed):
         generate_shapes_task(task, num_train_images=settings.train_images, num_test_images=settings.test_images,
                              questions_per_image=settings.questions_per_image, seed=seed, image_size=settings.image_size,
-                             grid=settings.grid)
+                             grid=settings.grid,
+                             families=[f for f in settings.families.split(',') if f])
         model = build_model(task, out / "model", settings, seed)
     test_questions, _ = task_records(task, "test")
     result.eval_questions = len(test_questions)
 
+    result.majority_baseline = majority_baseline(task_records(task, "train")[0], test_questions)
+    swapped_questions = swap_images(test_questions)
+
     def run_eval(method: str, model_dir: Path) -> None:
         evaluation = evaluate(model_dir, test_questions, task, out / "eval" / f"{method}.jsonl",
                               settings.max_new_tokens, settings.eval_batch, settings.prompt, desc=f"eval {method}")
+        if method in IMAGE_SWAP_METHODS:
+            swapped = evaluate(model_dir, swapped_questions, task, out / "eval" / f"{method}_swapped_images.jsonl",
+                               settings.max_new_tokens, settings.eval_batch, settings.prompt, desc=f"swap {method}")
+            result.image_sensitivity[method] = changed_share(evaluation.predictions, swapped.predictions)
         result.accuracy[method] = evaluation.accuracy
         result.per_kind[method] = evaluation.per_kind
         result.unparsable[method] = evaluation.unparsable

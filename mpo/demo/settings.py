@@ -25,6 +25,8 @@ class DemoSettings:
     questions_per_image: int = 4
     image_size: int = 64
     """One 64-px tile per image: 16 image tokens for the demo model."""
+    families: str = ""
+    """Comma-separated question families (``mpo.demo.shapes``); empty: all eleven."""
     grid: int = 4
     """Shapes centred in cells of a 4 x 4 grid, one cell per image token (0: anywhere)."""
 
@@ -33,19 +35,19 @@ class DemoSettings:
     """A size of ``mpo.tiny_model.SIZES``; the tokenizer is trained on the task's text."""
 
     # -- stage 1: SFT on the reference chains of thought (loss weights 0/0/1)
-    sft_steps: int = 150
+    sft_steps: int = 200
     sft_batch: int = 16
-    sft_lr: float = 2e-3
+    sft_lr: float = 3e-3
     vision_lr_scale: float = 1.0
     """The vision tower's and projector's rate over the language model's, in every stage."""
 
     # -- stage 2: preference data from the SFT model's own samples (data_pipeline)
-    sample_questions: int = 0
+    sample_questions: int = 480
     """Train questions to sample (0: all of them)."""
-    num_samples: int = 8
+    num_samples: int = 6
     """K responses per checkable question."""
     temperature: float = 1.0
-    max_new_tokens: int = 96
+    max_new_tokens: int = 64
     sample_batch: int = 16
     """Questions per generate call (x K rows)."""
     max_pairs: int = 4
@@ -54,16 +56,16 @@ class DemoSettings:
     """Describe questions turned into Dropout-NTP pairs (0: none)."""
 
     # -- stage 3: preference training from the SFT model (MPO, and the two ablations)
-    pref_steps: int = 80
+    pref_steps: int = 60
     pref_batch: int = 16
-    pref_lr: float = 5e-4
+    pref_lr: float = 2e-4
     beta: float = 0.1
 
     # -- stage 4: greedy chain-of-thought evaluation on the held-out questions
     eval_batch: int = 64
     """Questions per greedy generate call."""
 
-    prompt: str = "v1"
+    prompt: str = "short"
     """The chain-of-thought template: ``v1`` (the pipeline's official wording) or ``short``."""
     layout: str = "shared_prefix"
     """The trainer's forward layout (``forward.layout``): the prompt once per pair."""

@@ -144,7 +144,7 @@ def _scene_key(scene: Sequence[Shape]) -> tuple[Shape, ...]:
 
 def _make_items(
     split: str, count: int, seed: int, image_size: int, questions_per_image: int,
-    avoid: set[tuple[Shape, ...]], grid: int = 0,
+    avoid: set[tuple[Shape, ...]], grid: int = 0, families: Sequence[str] = (),
 ) -> list[_Item]:
     items = []
     for index in range(1, count + 1):
@@ -155,7 +155,7 @@ def _make_items(
             if _scene_key(scene) not in avoid:
                 break
             attempt += 1  # an exact repeat of a train scene: redraw, so test stays unseen
-        questions = sample_questions(scene, image_size, rng, questions_per_image)
+        questions = sample_questions(scene, image_size, rng, questions_per_image, families)
         buffer = io.BytesIO()
         render_scene(scene, image_size).save(buffer, format="PNG")  # no timestamp: reproducible
         items.append(_Item(f"{split}-{index:06d}", f"images/{split}/{index:06d}.png", scene,
@@ -202,6 +202,7 @@ def generate_shapes_task(
     seed: int,
     image_size: int = 64,
     grid: int = 0,
+    families: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Generate the shapes task under ``out_dir`` (layout in the module docstring).
 
@@ -215,6 +216,7 @@ def generate_shapes_task(
         image_size: side of the square images in pixels (at least 32).
         grid: 0 places shapes anywhere; N > 0 centres each in its own cell of an N x N grid
             (see ``sample_scene``).
+        families: the question families to ask (empty: all of them).
 
     Returns:
         The summary also written to ``summary.json``: the settings, the number of images,
@@ -228,10 +230,10 @@ def generate_shapes_task(
         raise ValueError("image_size must be >= 32 to fit 5 distinguishable shapes")
     if grid < 0 or (grid and image_size // grid < 8):
         raise ValueError("grid must be 0 (free placement) or leave cells of at least 8 px")
-    train = _make_items("train", num_train_images, seed, image_size, questions_per_image, set(), grid)
+    train = _make_items("train", num_train_images, seed, image_size, questions_per_image, set(), grid, families)
     train_scenes = {_scene_key(item.scene) for item in train}
     test = _make_items("test", num_test_images, seed, image_size, questions_per_image,
-                       train_scenes, grid)
+                       train_scenes, grid, families)
     # The guarantee the held-out evaluation rests on: no test image was ever seen in training.
     # A raise, not an assert, so that it holds under ``python -O`` too.
     if not (train_scenes.isdisjoint(_scene_key(item.scene) for item in test)
@@ -239,7 +241,7 @@ def generate_shapes_task(
         raise RuntimeError("a test image repeats a train image")
 
     out = Path(out_dir)
-    summary: dict[str, Any] = {"seed": seed, "image_size": image_size, "grid": grid,
+    summary: dict[str, Any] = {"seed": seed, "image_size": image_size, "grid": grid, "families": list(families),
                                "questions_per_image": questions_per_image}
     kinds: dict[str, dict[str, int]] = {}
     for split, items in zip(SPLITS, (train, test), strict=True):
@@ -271,10 +273,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--grid", type=int, default=0,
                         help="0: shapes anywhere; N: each shape centred in its own cell of an N x N grid")
+    parser.add_argument("--families", default="", help="comma-separated question families (default: all)")
     args = parser.parse_args(argv)
     summary = generate_shapes_task(
         args.out_dir, num_train_images=args.train, num_test_images=args.test,
-        questions_per_image=args.questions_per_image, seed=args.seed, image_size=args.image_size, grid=args.grid)
+        questions_per_image=args.questions_per_image, seed=args.seed, image_size=args.image_size, grid=args.grid,
+        families=[f for f in args.families.split(',') if f])
     json.dump(summary, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
