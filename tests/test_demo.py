@@ -103,7 +103,13 @@ def test_evaluation_and_report(demo_out: Path) -> None:
         correct = sum(p["status"] == "correct" for p in _lines(seed / "eval" / f"{method}.jsonl"))
         assert result["accuracy"][method] == pytest.approx(correct / num_test)
 
+    assert 0.0 <= result["majority_baseline"] <= 1.0
+    assert set(result["image_sensitivity"]) == {"sft", "mpo"}
+    for method in ("sft", "mpo"):
+        assert len(_lines(seed / "eval" / f"{method}_swapped_images.jsonl")) == num_test
+
     report = (demo_out / "report.md").read_text()
+    assert "Majority-answer baseline" in report and "swapped for another test image" in report
     table = [line for line in report.splitlines() if line.startswith("| ") and "seed 0" not in line]
     for label in ("SFT model (stage 1)", "MPO (0.8 DPO + 0.2 BCO + 1.0 SFT)", "DPO alone (1/0/0)", "SFT on chosen (0/0/1)"):
         assert any(line.startswith(f"| {label} |") for line in table), label
@@ -123,3 +129,20 @@ def test_settings_overrides() -> None:
         apply_overrides(DemoSettings(), ["no_such_knob=1"])
     with pytest.raises(ValueError, match="expected int"):
         apply_overrides(DemoSettings(), ["sft_steps=1.5"])
+
+
+def test_majority_baseline_swap_and_changed_share() -> None:
+    from mpo.demo.evaluate import changed_share, majority_baseline, swap_images
+
+    train = [{"kind": "count", "answer": a} for a in "1123"] + [{"kind": "yes_no", "answer": a} for a in "ABB"]
+    test = [{"kind": "count", "answer": "1"}, {"kind": "count", "answer": "2"}, {"kind": "yes_no", "answer": "B"},
+            {"kind": "new_kind", "answer": "1"}]
+    assert majority_baseline(train, test) == 0.5  # "1" and "B" right; a family unseen in train is wrong
+
+    questions = [{"id": "a", "image": "i/2.png"}, {"id": "b", "image": "i/1.png"}, {"id": "c", "image": "i/3.png"},
+                 {"id": "d", "image": "i/1.png"}]
+    assert [q["image"] for q in swap_images(questions)] == ["i/3.png", "i/2.png", "i/1.png", "i/2.png"]
+
+    original = [{"id": "a", "extracted": "1"}, {"id": "b", "extracted": None}, {"id": "c", "extracted": "B"}]
+    swapped = [{"id": "c", "extracted": "A"}, {"id": "a", "extracted": "1"}, {"id": "b", "extracted": "2"}]
+    assert changed_share(original, swapped) == 2 / 3
