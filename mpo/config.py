@@ -165,6 +165,8 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
             raise DataError(f"expected a mapping, got {value!r}", field=key)
         return _build(annotation, value, key + ".")
     if origin is Literal:
+        if value is False and "no" in typing.get_args(annotation):
+            value = "no"  # YAML 1.1 reads a bare `no` (train.mixed_precision=no) as false
         if value not in typing.get_args(annotation):
             raise DataError(f"must be one of {list(typing.get_args(annotation))}, got {value!r}", field=key)
         return value

@@ -228,3 +228,13 @@ def test_loss_config_fields_match_mpo_loss():
     loss_params = {f.name for f in dataclasses.fields(MPOLoss)}
     assert {"beta", "dpo_weight", "bco_weight", "sft_weight", "sft_reduction"} <= loss_params
     assert loss_params <= {f.name for f in dataclasses.fields(LossConfig)}
+
+
+def test_bare_no_means_the_string_no(tmp_path):
+    """YAML 1.1 reads `no` as false; for a choice that includes "no" it means that choice."""
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  name_or_path: m\ndata:\n  meta_path: meta.json\ntrain:\n  mixed_precision: no\n")
+    assert load_recipe(path).train.mixed_precision == "no"
+    assert recipe_from_dict(_minimal(), ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(DataError, match=r"train\.lr_scheduler: must be one of"):
+        recipe_from_dict(_minimal(), ["train.lr_scheduler=no"])
