@@ -53,6 +53,11 @@ def test_sft_stage(demo_out: Path) -> None:
     metrics = _lines(seed / "sft" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, QUICK.sft_steps + 1))
     assert all("loss/sft" in m and "loss/dpo" not in m for m in metrics)  # no reference model
+    # the SFT stage warms up over its own share of steps (a from-scratch model needs it)
+    warm = round(QUICK.sft_warmup * QUICK.sft_steps)
+    assert warm >= 2
+    assert metrics[1]["lr"] == pytest.approx(QUICK.sft_lr / warm)
+    assert metrics[warm]["lr"] == pytest.approx(QUICK.sft_lr)
     assert (seed / "sft" / "final" / "config.json").exists()
 
 

@@ -103,7 +103,7 @@ def write_sft_data(task_dir: Path, out_path: Path, prompt: str) -> int:
 
 def train(
     model_dir: Path, data: dict, out_dir: Path, weights: LossWeights, steps: int, batch: int,
-    lr: float, settings: DemoSettings, seed: int,
+    lr: float, settings: DemoSettings, seed: int, warmup: float = 0.05,
 ) -> Path:
     """Runs :class:`mpo.train.MPOTrainer` once; returns the saved model (``out_dir/final``).
 
@@ -123,7 +123,7 @@ def train(
                  "sft_weight": weights.sft},
         "forward": {"layout": settings.layout},
         "train": {"lr": lr, "vision_lr": lr * settings.vision_lr_scale, "projector_lr": lr * settings.vision_lr_scale, "max_steps": steps, "micro_batch_size": batch, "mixed_precision": "no",
-                  "warmup_ratio": 0.05, "lr_scheduler": "cosine", "log_every": 1},
+                  "warmup_ratio": warmup, "lr_scheduler": "cosine", "log_every": 1},
         "output_dir": str(out_dir),
         "seed": seed,
     }, source="mpo demo")
