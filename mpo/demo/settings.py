@@ -1,6 +1,7 @@
 """The demo's knobs in one dataclass, with the two presets ``mpo demo`` ships.
 
-``default`` is tuned to finish within 15 minutes on 2 CPU cores and show MPO's gain; ``quick``
+``default`` finishes in about 9 minutes on 2 CPU cores with an SFT model that reads the images
+(README, "The demo", has its measured accuracies); ``quick``
 runs every stage on a few questions in well under a minute for tests (its accuracies mean
 nothing). Any field can be overridden on the command line: ``mpo demo --set sft_steps=200``.
 """
