@@ -38,7 +38,7 @@ from data_pipeline.records import SampleRecord, read_log
 from data_pipeline.server import ChatServer
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 60
+MAX_STEPS, TAUGHT_LOSS = 400, 0.1
 TEMPLATE = get_template("custom", '{question}\nThink, then write "Final answer: ..".', "final_answer")
 PROMPT_FLAGS = ["--prompt", "custom", "--template", TEMPLATE.text, "--answer-format", "final_answer"]
 TARGETS = ["I count the shapes.\nFinal answer: 3", "I count the shapes.\nFinal answer: 4", "I am not sure about it."]
@@ -82,11 +82,17 @@ def _teach(model_dir: Path, image_dir: Path) -> None:
         input_ids[i, : len(ids)], label_ids[i, : len(ids)], mask[i, : len(ids)] = ids, label, 1
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
-    for _ in range(STEPS):
+    # Until the three targets are learnt (the loss then sits near its floor, ~0.085: the branch
+    # between them is irreducible), not a fixed step count: how many steps that takes depends on
+    # the torch/transformers build (60 sufficed on one, 100 are needed on another).
+    for _ in range(MAX_STEPS):
         loss = model(input_ids=input_ids, attention_mask=mask, pixel_values=torch.cat(tiles), labels=label_ids).loss
+        if loss.item() < TAUGHT_LOSS:
+            break
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    assert loss.item() < TAUGHT_LOSS, f"the tiny model did not learn the targets: loss {loss.item():.3f} after {MAX_STEPS} steps"
     model.save_pretrained(model_dir)
 
 
