@@ -127,6 +127,20 @@ def test_evaluation_and_report(demo_out: Path) -> None:
     assert totals["preset"] == "quick" and len(totals["seeds"]) == 1
 
 
+@pytest.mark.slow
+def test_same_seed_same_outputs(demo_out: Path, tmp_path: Path) -> None:
+    # A second run of the same seed and settings writes byte-identical data, pairs and answers.
+    assert main(["--preset", "quick", "--out", str(tmp_path / "again")]) == 0
+    first, again = demo_out / "seed0", tmp_path / "again" / "seed0"
+    files = ["task/train.jsonl", "task/test.jsonl", "sft_data/sft.jsonl", "pairs/meta.json"]
+    files += [f"eval/{method}.jsonl" for method in METHODS]
+    files += [str(p.relative_to(first)) for p in sorted((first / "pairs").glob("*/*.jsonl"))]
+    for name in files:
+        assert (again / name).read_bytes() == (first / name).read_bytes().replace(
+            str(first).encode(), str(again).encode()), name
+    assert json.loads((again / "result.json").read_text())["accuracy"] == json.loads((first / "result.json").read_text())["accuracy"]
+
+
 def test_settings_overrides() -> None:
     settings = apply_overrides(DemoSettings(), ["sft_steps=7", "temperature=1", "pref_lr=1e-3", "layout=plain"])
     assert (settings.sft_steps, settings.temperature, settings.pref_lr) == (7, 1.0, 1e-3)
