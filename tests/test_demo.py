@@ -115,6 +115,7 @@ def test_evaluation_and_report(demo_out: Path) -> None:
 
     report = (demo_out / "report.md").read_text()
     assert "Majority-answer baseline" in report and "swapped for another test image" in report
+    assert "points of sampling error" in report and "without a parsable final answer" in report
     table = [line for line in report.splitlines() if line.startswith("| ") and "seed 0" not in line]
     for label in ("SFT model (stage 1)", "MPO (0.8 DPO + 0.2 BCO + 1.0 SFT)", "DPO alone (1/0/0)", "SFT on chosen (0/0/1)"):
         assert any(line.startswith(f"| {label} |") for line in table), label
@@ -148,6 +149,21 @@ def test_settings_overrides() -> None:
         apply_overrides(DemoSettings(), ["no_such_knob=1"])
     with pytest.raises(ValueError, match="expected int"):
         apply_overrides(DemoSettings(), ["sft_steps=1.5"])
+
+
+def test_reading_the_numbers() -> None:
+    from mpo.demo.report import SeedResult, reading_the_numbers
+
+    results = [
+        SeedResult(seed=0, eval_questions=400, accuracy={"sft": 0.4, "mpo": 0.5, "dpo": 0.1, "sft_chosen": 0.45},
+                   unparsable={"sft": 0, "mpo": 2, "dpo": 300, "sft_chosen": 1}),
+        SeedResult(seed=1, eval_questions=400, accuracy={"sft": 0.6, "mpo": 0.6, "dpo": 0.2, "sft_chosen": 0.5},
+                   unparsable={"sft": 0, "mpo": 4, "dpo": 100, "sft_chosen": 0}),
+    ]
+    error, gain, unparsable = reading_the_numbers(results)
+    assert "over 400 held-out questions: ±2.5 points" in error  # sqrt(0.5 * 0.5 / 400) = 0.025
+    assert "the same pairs: +7.5 points" in gain  # mean of +5 and +10
+    assert "SFT model 0.0, MPO 3.0, DPO alone 200.0, SFT on chosen 0.5" in unparsable
 
 
 def test_majority_baseline_swap_and_changed_share() -> None:

@@ -219,6 +219,30 @@ def diagnostics(results: list[SeedResult]) -> list[str]:
     return lines
 
 
+def reading_the_numbers(results: list[SeedResult]) -> list[str]:
+    """Facts that say what the accuracy table can and cannot show: sampling error, what the
+    preference terms add over the pairs' chosen answers, and each method's unparsable answers."""
+    lines = []
+    questions = [r.eval_questions for r in results if r.eval_questions and "sft" in r.accuracy]
+    if questions:
+        p = statistics.fmean(r.accuracy["sft"] for r in results)
+        error = 100 * (p * (1 - p) / min(questions)) ** 0.5
+        lines.append(f"Each accuracy is over {min(questions)} held-out questions: ±{error:.1f} points of sampling error "
+                     "(binomial standard error at the SFT model's accuracy), so a per-seed difference below about "
+                     "twice that is noise.")
+    if all("mpo" in r.accuracy and "sft_chosen" in r.accuracy for r in results):
+        gain = 100 * statistics.fmean(r.accuracy["mpo"] - r.accuracy["sft_chosen"] for r in results)
+        lines.append(f"MPO over SFT on the chosen responses of the same pairs: {gain:+.1f} points "
+                     "(what the preference and quality terms add to training on the pairs' correct answers).")
+    methods = [m for m in METHOD_LABELS if all(m in r.unparsable for r in results)]
+    if methods:
+        counts = ", ".join(f"{METHOD_LABELS[m].split(' (')[0]} {statistics.fmean(r.unparsable[m] for r in results):.1f}"
+                           for m in methods)
+        lines.append(f"Held-out answers without a parsable final answer, mean per seed: {counts}. "
+                     "Many of them mean the method broke the answer format rather than the reasoning.")
+    return lines
+
+
 def write_report(out_dir: Path, settings: dict, results: list[SeedResult], preset: str,
                  total_wall: float, total_cpu: float, machine: str = "") -> Path:
     """Writes ``report.md``, ``accuracy.png`` and one ``training_curves_seed<N>.png`` per seed."""
@@ -240,7 +264,7 @@ def write_report(out_dir: Path, settings: dict, results: list[SeedResult], prese
         "",
         _gain_verdict(results),
         "",
-        *[line for item in diagnostics(results) for line in (item, "")],
+        *[line for item in diagnostics(results) + reading_the_numbers(results) for line in (item, "")],
         "![accuracy](accuracy.png)",
         "",
         "## Accuracy per question family (%, mean over seeds)",
