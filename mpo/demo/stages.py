@@ -112,6 +112,7 @@ def train(
         data: the recipe's ``data`` section (``jsonl_path``/``image_root`` or ``meta_path``).
         out_dir: the trainer's output directory (``metrics.jsonl`` lands there).
         weights: the loss weights; DPO and BCO at 0 load no reference model.
+        warmup: the share of ``steps`` over which the rate rises linearly from 0.
     """
     from mpo.config import recipe_from_dict
     from mpo.train import MPOTrainer
@@ -122,7 +123,8 @@ def train(
         "loss": {"beta": settings.beta, "dpo_weight": weights.dpo, "bco_weight": weights.bco,
                  "sft_weight": weights.sft},
         "forward": {"layout": settings.layout},
-        "train": {"lr": lr, "vision_lr": lr * settings.vision_lr_scale, "projector_lr": lr * settings.vision_lr_scale, "max_steps": steps, "micro_batch_size": batch, "mixed_precision": "no",
+        "train": {"lr": lr, "vision_lr": lr * settings.vision_lr_scale, "projector_lr": lr * settings.vision_lr_scale,
+                  "max_steps": steps, "micro_batch_size": batch, "mixed_precision": "no",
                   "warmup_ratio": warmup, "lr_scheduler": "cosine", "log_every": 1},
         "output_dir": str(out_dir),
         "seed": seed,
