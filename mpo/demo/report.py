@@ -54,6 +54,11 @@ class SeedResult:
     """method -> share of held-out answers that change when each image is swapped for another."""
 
 
+def _short(method: str) -> str:
+    """``"MPO (0.8 DPO + ...)"`` -> ``"MPO"``: the label without its weights, for tight spaces."""
+    return METHOD_LABELS.get(method, method).split(" (")[0]
+
+
 def _points(value: float) -> str:
     return f"{100 * value:.1f}"
 
@@ -92,7 +97,7 @@ def _gain_verdict(results: list[SeedResult]) -> str:
 def per_kind_table(results: list[SeedResult]) -> list[str]:
     methods = [m for m in METHOD_LABELS if all(m in r.per_kind for r in results)]
     kinds = sorted({k for r in results for m in methods for k in r.per_kind[m]})
-    lines = ["| question family | " + " | ".join(METHOD_LABELS[m].split(" (")[0] for m in methods) + " |",
+    lines = ["| question family | " + " | ".join(_short(m) for m in methods) + " |",
              "|" + "---|" * (len(methods) + 1)]
     for kind in kinds:
         cells = []
@@ -161,8 +166,7 @@ def plot_training_curves(result: SeedResult, path: Path) -> Path:
         for name, lines in runs.items():
             points = [(row["step"], row[metric]) for row in lines if metric in row]
             if points:
-                axis.plot(*zip(*points), label=METHOD_LABELS.get(name, name).split(" (")[0]
-                          if name != "sft" else "SFT (stage 1)", linewidth=1)
+                axis.plot(*zip(*points), label=_short(name) if name != "sft" else "SFT (stage 1)", linewidth=1)
         axis.set_title(metric)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
@@ -191,7 +195,7 @@ def plot_accuracy(results: list[SeedResult], path: Path) -> Path:
         axis.bar(index, statistics.fmean(values), color=f"C{index}", alpha=0.7)
         axis.scatter([index] * len(values), values, color="black", s=12, zorder=3)
         axis.text(index, statistics.fmean(values) + 1, f"{statistics.fmean(values):.1f}", ha="center")
-    axis.set_xticks(range(len(methods)), [METHOD_LABELS[m].split(" (")[0] for m in methods])
+    axis.set_xticks(range(len(methods)), [_short(m) for m in methods])
     axis.set_ylabel("held-out accuracy (%)")
     axis.set_ylim(0, 100)
     axis.set_title(f"shapes task, greedy CoT, {len(results)} seed(s)")
@@ -223,11 +227,11 @@ def reading_the_numbers(results: list[SeedResult]) -> list[str]:
     """Facts that say what the accuracy table can and cannot show: sampling error, what the
     preference terms add over the pairs' chosen answers, and each method's unparsable answers."""
     lines = []
-    questions = [r.eval_questions for r in results if r.eval_questions and "sft" in r.accuracy]
-    if questions:
+    if all(r.eval_questions and "sft" in r.accuracy for r in results):
+        questions = min(r.eval_questions for r in results)
         p = statistics.fmean(r.accuracy["sft"] for r in results)
-        error = 100 * (p * (1 - p) / min(questions)) ** 0.5
-        lines.append(f"Each accuracy is over {min(questions)} held-out questions: ±{error:.1f} points of sampling error "
+        error = 100 * (p * (1 - p) / questions) ** 0.5
+        lines.append(f"Each accuracy is over {questions} held-out questions: ±{error:.1f} points of sampling error "
                      "(binomial standard error at the SFT model's accuracy), so a per-seed difference below about "
                      "twice that is noise.")
     if all("mpo" in r.accuracy and "sft_chosen" in r.accuracy for r in results):
@@ -236,7 +240,7 @@ def reading_the_numbers(results: list[SeedResult]) -> list[str]:
                      "(what the preference and quality terms add to training on the pairs' correct answers).")
     methods = [m for m in METHOD_LABELS if all(m in r.unparsable for r in results)]
     if methods:
-        counts = ", ".join(f"{METHOD_LABELS[m].split(' (')[0]} {statistics.fmean(r.unparsable[m] for r in results):.1f}"
+        counts = ", ".join(f"{_short(m)} {statistics.fmean(r.unparsable[m] for r in results):.1f}"
                            for m in methods)
         lines.append(f"Held-out answers without a parsable final answer, mean per seed: {counts}. "
                      "Many of them mean the method broke the answer format rather than the reasoning.")

@@ -107,7 +107,7 @@ def run_seed(settings: DemoSettings, seed: int, out: Path) -> SeedResult:
         write_sft_data(task, out / "sft_data" / "sft.jsonl", settings.prompt)
         sft_model = train(model, {"jsonl_path": str(out / "sft_data" / "sft.jsonl"), "image_root": str(task)},
                           out / "sft", LossWeights(0.0, 0.0, 1.0), settings.sft_steps, settings.sft_batch,
-                          settings.sft_lr, settings, seed, settings.sft_warmup)
+                          settings.sft_lr, settings.sft_warmup, settings, seed)
         result.runs["sft"] = str(out / "sft")
     with _stage(timings, "eval SFT", 3, total, seed):
         run_eval("sft", sft_model)
@@ -121,7 +121,7 @@ def run_seed(settings: DemoSettings, seed: int, out: Path) -> SeedResult:
     for number, (method, weights) in enumerate(METHODS.items(), start=5):
         with _stage(timings, f"train + eval {method}", number, total, seed):
             final = train(sft_model, {"meta_path": built["meta"]}, out / method, weights, settings.pref_steps,
-                          settings.pref_batch, settings.pref_lr, settings, seed, settings.pref_warmup)
+                          settings.pref_batch, settings.pref_lr, settings.pref_warmup, settings, seed)
             result.runs[method] = str(out / method)
             run_eval(method, final)
     (out / "result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")

@@ -103,7 +103,7 @@ def write_sft_data(task_dir: Path, out_path: Path, prompt: str) -> int:
 
 def train(
     model_dir: Path, data: dict, out_dir: Path, weights: LossWeights, steps: int, batch: int,
-    lr: float, settings: DemoSettings, seed: int, warmup: float = 0.05,
+    lr: float, warmup: float, settings: DemoSettings, seed: int,
 ) -> Path:
     """Runs :class:`mpo.train.MPOTrainer` once; returns the saved model (``out_dir/final``).
 
