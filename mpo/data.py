@@ -133,6 +133,10 @@ def read_annotation(
 
 def load_records(config: DataConfig, seed: int, skipped: list[DataError] | None = None) -> list[PreferenceRecord]:
     """All training records of a recipe, ``repeat_time`` applied, in file order."""
+    if config.dataset_path:
+        from mpo.hf_datasets import read_dataset
+
+        return read_dataset(config, skipped)
     if config.jsonl_path:
         root = Path(config.image_root or Path(config.jsonl_path).parent).resolve()
         return read_annotation(Path(config.jsonl_path), root, config.max_dynamic_patch, skipped)

@@ -20,6 +20,11 @@ BUILTIN_PREFIX = "builtin:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def cache_dir() -> Path:
+    """Where built things are kept: ``$MPO_CACHE``, default ``~/.cache/mpo``."""
+    return Path(os.environ.get("MPO_CACHE", Path.home() / ".cache" / "mpo"))
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """Maps ``builtin:<size>[-seed<N>]`` to a cached tiny checkpoint, building it once."""
     if not name_or_path.startswith(BUILTIN_PREFIX):
@@ -28,8 +33,7 @@ def resolve_model_path(name_or_path: str) -> str:
 
     spec = name_or_path[len(BUILTIN_PREFIX) :]
     size, _, seed = spec.partition("-seed")
-    cache = Path(os.environ.get("MPO_CACHE", Path.home() / ".cache" / "mpo"))
-    path = cache / f"tiny-{size}-seed{seed or 0}"
+    path = cache_dir() / f"tiny-{size}-seed{seed or 0}"
     if not (path / "config.json").exists():
         build_tiny_model(path, size=size, seed=int(seed or 0))
     return str(path)

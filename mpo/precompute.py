@@ -67,8 +67,12 @@ def _sampled_digest(path: Path) -> str:
 
 
 def data_root(recipe: Recipe) -> Path:
-    """The directory the data lives in (meta.json's or the JSONL's); stored keys are relative to it."""
-    return Path(recipe.data.meta_path or recipe.data.jsonl_path).resolve().parent
+    """The directory the data lives in (meta.json's, the JSONL's or the dataset's); stored keys are
+    relative to it."""
+    data = recipe.data
+    if data.dataset_path and Path(data.dataset_path).is_dir():
+        return Path(data.dataset_path).resolve()
+    return Path(data.meta_path or data.jsonl_path or data.dataset_path).resolve().parent
 
 
 def pair_key(source: str, root: Path) -> str:

@@ -2,6 +2,7 @@
 
 Launch (one process, DDP or DeepSpeed, CPU or GPU alike)::
 
+    mpo train [--launch launch/zero2.yaml] recipes/tiny_cpu.yaml [key.sub=value ...]
     accelerate launch [--config_file launch/zero2.yaml] -m mpo.train recipes/tiny_cpu.yaml [key.sub=value ...]
 
 How it departs from the official InternVL/TRL MPO trainer:
@@ -25,23 +26,30 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from mpo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from mpo.checkpoint import load_checkpoint, save_checkpoint
 from mpo.collate import build_collator
 from mpo.config import Recipe, load_recipe
+from mpo.console import quiet_libraries, startup_summary
 from mpo.data import PreferenceDataset, append_skipped, load_records
 from mpo.errors import DataError, OverlongPair
 from mpo.forward import PreferenceForward
 from mpo.losses import MPOLoss, RewardShift
 from mpo.metrics import MetricsWriter, StepStats
 from mpo.modeling import count_parameters, load_policy, load_processor, load_reference, vision_is_frozen
+from mpo.preflight import check_before_loading
 from mpo.reference import DisabledAdapterReference, FrozenModelReference
 from mpo.sampling import GlobalBatchOrder
 from mpo.saving import save_final_model
 from mpo.types import EncodedPair
+
+
+def uses_deepspeed() -> bool:
+    """Whether ``accelerate launch`` started this process with a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
@@ -53,8 +61,11 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     # A GPU launch config (launch/ddp.yaml) on a machine without GPUs makes accelerate start every
     # process as a lone trainer that never syncs; cpu=True makes it CPU data parallel instead. Not
     # under DeepSpeed: there cpu=True would switch DeepSpeed off.
-    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    use_deepspeed = uses_deepspeed()
     return Accelerator(
+        # Trackers (report_to) write under output_dir/logs (tensorboard: logs/<project>/).
+        log_with=recipe.report_to or None,
+        project_config=ProjectConfiguration(project_dir=recipe.output_dir, logging_dir=str(Path(recipe.output_dir) / "logs")),
         mixed_precision=recipe.train.mixed_precision,
         gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
         kwargs_handlers=handlers,
@@ -152,15 +163,28 @@ class MPOTrainer:
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
+        quiet_libraries(uses_deepspeed())
         self.accelerator = accelerator = make_accelerator(recipe)
         set_seed(recipe.seed)
         Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
 
-        self.processor = load_processor(recipe.model)
         skipped: list[DataError] | None = [] if recipe.data.on_bad_sample == "skip" else None
         records = load_records(recipe.data, recipe.seed, skipped)
         if skipped and accelerator.is_main_process:
             append_skipped(recipe.output_dir, skipped)
+        train = recipe.train
+        self.order = GlobalBatchOrder(
+            num_records=len(records),
+            micro_batch_size=train.micro_batch_size,
+            accumulation_steps=train.gradient_accumulation_steps,
+            world_size=accelerator.num_processes,
+            seed=recipe.seed,
+            shuffle=recipe.data.shuffle,
+        )
+        resume = check_before_loading(recipe, self.order)
+        self.total_steps = train.max_steps or math.ceil(train.num_epochs * self.order.steps_per_epoch)
+
+        self.processor = load_processor(recipe.model)
         self.dataset = PreferenceDataset(records, self.processor, recipe.data)
         self.fetch = PairFetcher(self.dataset, recipe.data.on_bad_sample == "skip", recipe.output_dir)
         self.fetch.skipped_count = len(skipped or [])
@@ -171,21 +195,6 @@ class MPOTrainer:
 
             # Checked before any model loads, so a stale file is refused in seconds.
             self.precomputed = PrecomputedReference.open(recipe.reference.precomputed_path, recipe, self.dataset)
-        self.order = GlobalBatchOrder(
-            num_records=len(self.dataset),
-            micro_batch_size=recipe.train.micro_batch_size,
-            accumulation_steps=recipe.train.gradient_accumulation_steps,
-            world_size=accelerator.num_processes,
-            seed=recipe.seed,
-            shuffle=recipe.data.shuffle,
-        )
-        train = recipe.train
-        self.total_steps = train.max_steps or math.ceil(train.num_epochs * self.order.steps_per_epoch)
-        if self.total_steps < 1:
-            raise DataError(
-                f"{len(self.dataset)} pairs cannot fill one global batch of {self.order.global_batch_size}",
-                field="train.micro_batch_size",
-            )
 
         self.loss_fn = MPOLoss(
             beta=recipe.loss.beta,
@@ -224,18 +233,13 @@ class MPOTrainer:
         self.reference = self._build_reference()
 
         self.step = 0
-        resume = resolve_resume(recipe.resume_from, recipe.output_dir)
         if resume is not None:
             state = load_checkpoint(accelerator, resume)
             self.step = state["step"]
             self.reward_shift.load_state_dict(state["reward_shift"])
             self.fetch.skipped_count = state.get("skipped", self.fetch.skipped_count)
             self._print(f"resumed from {resume} at step {self.step}, delta {self.reward_shift.value:.6f}")
-        self.metrics = None
-        if accelerator.is_main_process:
-            self.metrics = MetricsWriter(
-                recipe.output_dir, recipe.to_dict(), recipe.report_to, self.step, recipe.wandb_project, recipe.wandb_run_name
-            )
+        self.metrics = MetricsWriter(accelerator, recipe, self.step)
 
     def _build_reference(self):
         if not self.loss_fn.needs_reference:
@@ -323,32 +327,27 @@ class MPOTrainer:
 
     def train(self) -> None:
         recipe, accelerator = self.recipe, self.accelerator
-        self._print(
-            f"MPO: {len(self.dataset)} pairs, {self.total_steps} steps of {self.order.global_batch_size} pairs "
-            f"({accelerator.num_processes} process(es)), {self.trainable:,}/{self.total_params:,} trainable parameters, "
-            f"layout {recipe.forward.layout}, reference: {type(self.reference).__name__ if self.reference else 'none'}"
-        )
-        if self.order.dropped_per_epoch:
-            self._print(f"note: {self.order.dropped_per_epoch} pair(s) per epoch do not fill a global batch and are left out")
+        self._print(startup_summary(self))
         self.policy.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="mpo", disable=not accelerator.is_main_process, dynamic_ncols=True)
         loader = self.micro_batch_loader()
         micro_batches = zip(loader.batch_sampler, loader)
-        while self.step < self.total_steps:
-            started = time.perf_counter()
-            metrics = self.train_step(micro_batches)
-            elapsed = time.perf_counter() - started
-            self.step += 1
-            metrics["tokens_per_s"] = metrics.pop("tokens") / elapsed
-            metrics["pairs_per_s"] = metrics.pop("pairs") / elapsed
-            metrics["epoch"] = self.step / max(1, self.order.steps_per_epoch)
-            if self.metrics is not None and (self.step % recipe.train.log_every == 0 or self.step == self.total_steps):
-                self.metrics.log(self.step, metrics)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-            if recipe.train.save_every and self.step % recipe.train.save_every == 0 and self.step < self.total_steps:
-                save_checkpoint(accelerator, recipe.output_dir, self.step, self.trainer_state(), recipe.train.keep_last)
-        bar.close()
+        # `with`: an error mid-run closes the bar first, so its line is not glued to the bar's.
+        with tqdm(total=self.total_steps, initial=self.step, desc="mpo", disable=not accelerator.is_main_process,
+                  dynamic_ncols=True) as bar:
+            while self.step < self.total_steps:
+                started = time.perf_counter()
+                metrics = self.train_step(micro_batches)
+                elapsed = time.perf_counter() - started
+                self.step += 1
+                metrics["tokens_per_s"] = metrics.pop("tokens") / elapsed
+                metrics["pairs_per_s"] = metrics.pop("pairs") / elapsed
+                metrics["epoch"] = self.step / max(1, self.order.steps_per_epoch)
+                if self.step % recipe.train.log_every == 0 or self.step == self.total_steps:
+                    self.metrics.log(self.step, metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                if recipe.train.save_every and self.step % recipe.train.save_every == 0 and self.step < self.total_steps:
+                    save_checkpoint(accelerator, recipe.output_dir, self.step, self.trainer_state(), recipe.train.keep_last)
         save_checkpoint(accelerator, recipe.output_dir, self.step, self.trainer_state(), recipe.train.keep_last)
         final = save_final_model(accelerator, self.policy, self.processor, recipe)
         if self.fetch.skipped_count:
@@ -356,8 +355,6 @@ class MPOTrainer:
         if self.fetch.truncated_count:
             self._print(f"truncated the responses of {self.fetch.truncated_count} pair(s) to data.max_length")
         self._print(f"final model saved to {final}")
-        if self.metrics is not None:
-            self.metrics.close()
         accelerator.end_training()
 
 
@@ -368,13 +365,9 @@ def run(recipe_path: str, overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    from mpo.cli import exit_on_data_error
+    from mpo.cli import train_command
 
-    return exit_on_data_error(lambda: run(argv[0], argv[1:]))
+    return train_command(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

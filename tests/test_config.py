@@ -179,8 +179,8 @@ def test_bad_overrides():
 @pytest.mark.parametrize(
     "changes, match",
     [
-        ({"data": {"jsonl_path": "pairs.jsonl"}}, "exactly one of data.meta_path and data.jsonl_path"),
-        ({"data": {"meta_path": ""}}, "exactly one of data.meta_path and data.jsonl_path"),
+        ({"data": {"jsonl_path": "pairs.jsonl"}}, "exactly one of data.meta_path, data.jsonl_path and data.dataset_path"),
+        ({"data": {"meta_path": ""}}, "exactly one of data.meta_path, data.jsonl_path and data.dataset_path"),
         ({"model": {"name_or_path": ""}}, "model.name_or_path is required"),
         ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size: must be at least 1"),
         ({"train": {"gradient_accumulation_steps": 0}}, "train.gradient_accumulation_steps: must be at least 1"),
