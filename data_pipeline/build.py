@@ -27,7 +27,7 @@ from data_pipeline.dropout_ntp import NTPSettings, continue_without_image, needs
 from data_pipeline.judging import MatchStats, match_records, merge_sample_logs
 from data_pipeline.mmpr import group_by_dataset, write_mmpr
 from data_pipeline.pairs import CORRECTNESS_SUFFIX, FORMAT_SUFFIX, PairStats, build_answer_pairs
-from data_pipeline.records import FileLock, Question, SampleRecord, read_log, split_skipped, write_json_atomic, write_jsonl_atomic
+from data_pipeline.records import DirectoryLock, Question, SampleRecord, read_log, split_skipped, write_json_atomic, write_jsonl_atomic
 from data_pipeline.sample import SampleSettings, sample_questions
 from data_pipeline.sharding import ShardSpec
 from mpo.errors import DataError
@@ -181,7 +181,7 @@ def run_build(
     sampled, _ = split_skipped(read_log(paths.sample_log(shard)))
     continue_without_image(sampled, backend, ntp_settings, paths.ntp_log(shard), shard, progress)
 
-    with FileLock(paths.work_dir / ".finalize.lock"):
+    with DirectoryLock(paths.work_dir):
         missing, sample_logs, ntp_records = _missing(paths, shard, questions)
         if missing:
             return None

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data_pipeline.pairs import Pair, deduplicate
-from data_pipeline.records import FileLock, write_json_atomic, write_jsonl_atomic
+from data_pipeline.records import DirectoryLock, write_json_atomic, write_jsonl_atomic
 from mpo.errors import DataError
 
 
@@ -38,7 +38,7 @@ def update_meta(out_dir: str | os.PathLike, entries: dict[str, dict | None]) -> 
     """Sets (or, for None, removes) subset entries in ``meta.json``; returns the whole mapping."""
     out_dir = Path(out_dir)
     meta_path = out_dir / "meta.json"
-    with FileLock(out_dir / ".meta.json.lock"):
+    with DirectoryLock(out_dir):
         meta = {}
         if meta_path.exists():
             try:

@@ -240,32 +240,28 @@ class AppendLog:
     A run appends each finished batch as whole lines, then flushes and fsyncs, so a kill loses at
     most the batch in flight. On open, a torn last line (no newline: the kill hit mid-write) is cut
     off; every complete line is a finished question, and the stage skips those ids when it
-    restarts. A lock file stops two processes from appending to the same log.
+    restarts. An advisory lock on the log itself stops two processes from appending to it (no
+    lock file is left next to the outputs).
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._handle = None
-        self._lock = None
 
     def __enter__(self) -> AppendLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.path.with_name(self.path.name + ".lock"), "w")
+        # O_APPEND: every write goes to the end, also after the torn tail is cut below.
+        self._handle = open(self.path, "a", encoding="utf-8")
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._lock.close()
+            self._handle.close()
             raise ResumeError(f"{self.path} is being written by another process (lock held)") from None
         self._drop_torn_tail()
-        self._handle = open(self.path, "a", encoding="utf-8")
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if self._handle is not None:
-            self._handle.close()
-        if self._lock is not None:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
+        self._handle.close()  # closing releases the lock
 
     def _drop_torn_tail(self) -> None:
         if not self.path.exists():
@@ -308,19 +304,19 @@ def read_log(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-class FileLock:
-    """An exclusive advisory lock (``flock``) around a read-modify-write of a shared file."""
+class DirectoryLock:
+    """An exclusive advisory lock (``flock``) on a directory, around a read-modify-write of files
+    in it shared by several processes; locking the directory itself leaves no lock file behind."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._handle = None
+        self._fd = -1
 
-    def __enter__(self) -> FileLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(self.path, "w")
-        fcntl.flock(self._handle, fcntl.LOCK_EX)
+    def __enter__(self) -> DirectoryLock:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
         return self
 
     def __exit__(self, *exc_info) -> None:
-        fcntl.flock(self._handle, fcntl.LOCK_UN)
-        self._handle.close()
+        os.close(self._fd)  # closing releases the lock
