@@ -238,3 +238,23 @@ def test_bare_no_means_the_string_no(tmp_path):
     assert recipe_from_dict(_minimal(), ["train.mixed_precision=no"]).train.mixed_precision == "no"
     with pytest.raises(DataError, match=r"train\.lr_scheduler: must be one of"):
         recipe_from_dict(_minimal(), ["train.lr_scheduler=no"])
+
+
+def test_report_to_takes_a_list_one_name_or_none():
+    """As HF Trainer's report_to: a list of trackers, one name, or none (no tracker)."""
+    assert recipe_from_dict(_minimal()).report_to == []
+    assert recipe_from_dict(_minimal(), ["report_to=wandb"]).report_to == ["wandb"]
+    assert recipe_from_dict(_minimal(), ["report_to=none"]).report_to == []
+    assert recipe_from_dict(_minimal(), ["report_to=[tensorboard, wandb]"]).report_to == ["tensorboard", "wandb"]
+    with pytest.raises(DataError, match=r"report_to: must be one of \['wandb', 'tensorboard', 'mlflow'"):
+        recipe_from_dict(_minimal(), ["report_to=[tensorboard, neptune]"])
+    # Only report_to reads a bare name as a list: peft reads a string target_modules as a regex.
+    with pytest.raises(DataError, match=r"model\.lora\.target_modules: expected a list"):
+        recipe_from_dict(_minimal(), ["model.lora.target_modules=q_proj"])
+
+
+def test_a_datasets_source_is_one_of_the_three():
+    recipe = recipe_from_dict({"model": {"name_or_path": "m"}, "data": {"dataset_path": "prefs.parquet"}})
+    assert (recipe.data.dataset_path, recipe.data.dataset_split) == ("prefs.parquet", "train")
+    with pytest.raises(DataError, match="set exactly one of data.meta_path, data.jsonl_path and data.dataset_path"):
+        recipe_from_dict(_minimal(data={"dataset_path": "prefs.parquet"}))

@@ -149,6 +149,7 @@ def test_build_writes_mmpr_the_trainer_reads(workspace: Path, built: Path, capsy
     assert sorted(meta) == ["shapes_pairs_vqa_correctness_rules", "shapes_pairs_vqa_format_rules", "shapes_prefix_pair_sr0.5_wo_image"]
     matched = {r["id"]: r for r in _lines(out / "work" / "shapes" / "matched.jsonl")}
     assert sorted(matched) == ["q1", "q2", "q3", "q4", "q5"]
+    assert not [p for p in out.rglob("*") if "lock" in p.name]  # no lock files left next to the outputs
     for name, entry in meta.items():
         assert set(entry) == {"root", "annotation", "repeat_time", "length"}
         assert entry["root"] == str(workspace / "images") and entry["repeat_time"] == 1.0

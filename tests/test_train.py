@@ -11,7 +11,6 @@ import math
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -176,7 +175,7 @@ def test_cli_bad_inputs_are_one_line_errors(tiny_model_dir, tiny_mmpr_dir, tmp_p
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps(make_recipe(tiny_model_dir, tiny_mmpr_dir, tmp_path / "run")))
     typo = _cli("train", str(recipe), "train.learning_rate=1", cwd=tmp_path)
-    assert typo.returncode == 1
+    assert typo.returncode == 2
     assert typo.stderr.strip().splitlines()[-1].startswith(f"error: {recipe}: unknown key train.learning_rate; valid keys here: train.lr,")
 
     data = tmp_path / "data"
@@ -186,28 +185,10 @@ def test_cli_bad_inputs_are_one_line_errors(tiny_model_dir, tiny_mmpr_dir, tmp_p
     lines[2] = json.dumps({"image": ["../../../etc/passwd"], "question": "<image>\nQ", "chosen": "a", "rejected": "b"})
     annotation.write_text("\n".join(lines) + "\n")
     bad = _cli("train", str(recipe), f"data.meta_path={data / 'meta.json'}", cwd=tmp_path)
-    assert bad.returncode == 1
+    assert bad.returncode == 2
     (last,) = bad.stderr.strip().splitlines()[-1:]
     assert last.startswith(f"error: {annotation}:3: image: path '../../../etc/passwd' is outside the image root")
     assert "Traceback" not in bad.stderr
-
-
-def test_wandb_offline_run_logs_config_and_metrics(tiny_model_dir, tiny_mmpr_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    recipe = make_recipe(tiny_model_dir, tiny_mmpr_dir, tmp_path / "run", max_steps=1)
-    recipe.update(report_to="wandb", wandb_project="mpo-test", wandb_run_name="tiny")
-    run(recipe)
-    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    (store,) = runs[0].glob("*.wandb")
-    # The offline store is protobuf records: key names appear verbatim in it. wandb's service
-    # process may still be flushing it after finish() returns on a loaded machine.
-    deadline = time.monotonic() + 60
-    while b"rewards/margins" not in (data := store.read_bytes()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for key in (b"dpo_weight", b"micro_batch_size", b"loss/bco", b"bco/delta", b"rewards/margins"):
-        assert key in data, key
 
 
 def test_gradient_checkpointing_and_bf16_autocast_train_the_same_objective(tiny_model_dir, tiny_mmpr_dir, tmp_path):
