@@ -3,7 +3,6 @@ checks that need no model run before any model loads."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -46,18 +45,14 @@ def _assert_ends_in(result: subprocess.CompletedProcess, line: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_process_launch_ends_in_the_first_failed_process_error(tiny_model_dir, tiny_mmpr_dir, tmp_path):
+def test_two_process_launch_ends_in_the_first_failed_process_error(tiny_model_dir, escaping_annotation, tmp_path):
     """Both processes of a DDP launch stop at a line whose image path leaves the image root; the
     last stderr line is that one error, the exit code the processes' 2 (no launcher traceback)."""
-    data = tmp_path / "data"
-    shutil.copytree(tiny_mmpr_dir, data)
-    annotation = data / "annotations" / "multi_pairs_vqa_correctness_rules.jsonl"
-    lines = annotation.read_text().splitlines()
-    lines[2] = json.dumps({"image": ["../../../etc/passwd"], "question": "<image>\nQ", "chosen": "a", "rejected": "b"})
-    annotation.write_text("\n".join(lines) + "\n")
+    data = escaping_annotation.parents[1]
     result = _mpo("train", "--launch", "launch/ddp.yaml", "--num-processes", "2", "--main-process-port", str(_free_port()),
                   str(RECIPE), *_overrides(tiny_model_dir, data, tmp_path / "run"))
-    _assert_ends_in(result, f"error: {annotation}:3: image: path '../../../etc/passwd' is outside the image root {data / 'images'}")
+    _assert_ends_in(result, f"error: {escaping_annotation}:3: image: path '../../../etc/passwd' is outside the image root "
+                            f"{data / 'images'}")
 
 
 @pytest.mark.slow

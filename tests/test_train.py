@@ -171,20 +171,15 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mpo", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-def test_cli_bad_inputs_are_one_line_errors(tiny_model_dir, tiny_mmpr_dir, tmp_path):
+def test_cli_bad_inputs_are_one_line_errors(tiny_model_dir, tiny_mmpr_dir, escaping_annotation, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps(make_recipe(tiny_model_dir, tiny_mmpr_dir, tmp_path / "run")))
     typo = _cli("train", str(recipe), "train.learning_rate=1", cwd=tmp_path)
     assert typo.returncode == 2
     assert typo.stderr.strip().splitlines()[-1].startswith(f"error: {recipe}: unknown key train.learning_rate; valid keys here: train.lr,")
 
-    data = tmp_path / "data"
-    shutil.copytree(tiny_mmpr_dir, data)
-    annotation = data / "annotations" / "multi_pairs_vqa_correctness_rules.jsonl"
-    lines = annotation.read_text().splitlines()
-    lines[2] = json.dumps({"image": ["../../../etc/passwd"], "question": "<image>\nQ", "chosen": "a", "rejected": "b"})
-    annotation.write_text("\n".join(lines) + "\n")
-    bad = _cli("train", str(recipe), f"data.meta_path={data / 'meta.json'}", cwd=tmp_path)
+    annotation = escaping_annotation
+    bad = _cli("train", str(recipe), f"data.meta_path={annotation.parents[1] / 'meta.json'}", cwd=tmp_path)
     assert bad.returncode == 2
     (last,) = bad.stderr.strip().splitlines()[-1:]
     assert last.startswith(f"error: {annotation}:3: image: path '../../../etc/passwd' is outside the image root")
