@@ -120,10 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, rest = build_parser().parse_known_args(argv)
-    if args.command == "train":
-        return train_command(rest)
-    module = importlib.import_module(COMMANDS[args.command][0])
-    return exit_on_data_error(lambda: module.main(rest))
+    try:
+        if args.command == "train":
+            return train_command(rest)
+        module = importlib.import_module(COMMANDS[args.command][0])
+        return exit_on_data_error(lambda: module.main(rest))
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

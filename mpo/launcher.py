@@ -11,6 +11,7 @@ that failed (torchrun's root cause) as its last line and exits with that process
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import subprocess
@@ -34,12 +35,9 @@ class LaunchOptions:
     main_process_port: int | None = None
 
     def accelerate_args(self) -> list[str]:
-        args = ["--config_file", self.config_file]
-        for flag in ("num_processes", "num_machines", "machine_rank", "main_process_ip", "main_process_port"):
-            value = getattr(self, flag)
-            if value is not None:
-                args += [f"--{flag}", str(value)]
-        return args
+        """``accelerate launch``'s flags: the fields' names, the unset ones left out."""
+        return [item for flag, value in dataclasses.asdict(self).items() if value is not None
+                for item in (f"--{flag}", str(value))]
 
 
 def launch_training(options: LaunchOptions, train_args: list[str]) -> int:

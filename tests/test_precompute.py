@@ -132,7 +132,7 @@ def test_cli_refuses_a_stale_file_in_one_line_before_loading_models(precomputed,
     data, path = precomputed
     args = _overrides(tiny_model_dir, data, tmp_path / "run", f"reference.precomputed_path={path}", "data.max_length=1000")
     try:
-        assert main(["train", str(RECIPE), *args]) == 1
+        assert main(["train", str(RECIPE), *args]) == 2  # bad input
     finally:
         _reset()
     err = capsys.readouterr().err
