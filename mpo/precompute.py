@@ -232,16 +232,17 @@ def compute(recipe: Recipe, out: Path | None) -> Path:
     from accelerate.utils import DistributedType, gather_object
 
     from mpo.collate import build_collator
-    from mpo.data import PreferenceDataset, load_records
+    from mpo.data import PreferenceDataset
     from mpo.forward import PreferenceForward
     from mpo.modeling import load_processor, load_reference
     from mpo.train import make_accelerator
+    from mpo.validate import load_checked_records
 
     accelerator = make_accelerator(recipe)
     processor = load_processor(recipe.model)
     skip = recipe.data.on_bad_sample == "skip"
     bad_records: list[DataError] | None = [] if skip else None
-    records = load_records(recipe.data, recipe.seed, bad_records)
+    records = load_checked_records(recipe, accelerator, bad_records)
     dataset = PreferenceDataset(records, processor, recipe.data)
     collate = build_collator(recipe.forward, recipe.data, processor.tokenizer.pad_token_id)
     root = data_root(recipe)

@@ -11,9 +11,10 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from mpo.config import DataConfig
-from mpo.data import PreferenceDataset, append_skipped, load_records, read_meta
+from mpo.data import PreferenceDataset, load_records, read_meta
 from mpo.errors import DataError
 from mpo.inputs import load_video_frames
+from mpo.skips import SkipLog
 
 GOOD = {"image": "ok.png", "question": "<image>\nHow many circles?", "chosen": "Two.\nFinal answer: 2",
         "rejected": "Three.\nFinal answer: 3"}
@@ -57,8 +58,8 @@ def _error(tmp_path: Path, bad_line) -> DataError:
 @pytest.mark.parametrize(
     "bad_line, field, reason",
     [
-        ('{"image": "ok.png", "question": "q", "chosen": "a"', "<line>", "malformed JSON"),
-        ('["not", "an", "object"]', "<line>", "expected a JSON object"),
+        ('{"image": "ok.png", "question": "q", "chosen": "a"', "<line>", "malformed JSON (Expecting ',' delimiter at column 51)"),
+        ('["not", "an", "object"]', "<line>", "expected a JSON object, got list"),
         ({k: v for k, v in GOOD.items() if k != "chosen"}, "chosen", "missing or empty"),
         ({k: v for k, v in GOOD.items() if k != "rejected"}, "rejected", "missing or empty"),
         ({**GOOD, "chosen": "   "}, "chosen", "missing or empty"),
@@ -101,7 +102,7 @@ def test_skip_mode_collects_errors_and_keeps_good_records(tmp_path):
     records = load_records(config, seed=0, skipped=skipped)
     assert [r.source.rsplit(":", 1)[1] for r in records] == ["1", "5"]
     assert [(e.line, e.field) for e in skipped] == [(2, "<line>"), (3, "image"), (4, "rejected")]
-    append_skipped(tmp_path / "run", skipped)
+    assert SkipLog(tmp_path / "run", start_over=True).add(skipped) == skipped
     written = [json.loads(line) for line in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
     assert [(w["file"], w["line"], w["field"]) for w in written] == [
         (str(annotation.resolve()), 2, "<line>"), (str(annotation.resolve()), 3, "image"),
