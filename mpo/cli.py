@@ -26,6 +26,7 @@ COMMANDS = {
     "bench": "mpo.bench",
     "precompute-ref": "mpo.precompute",
     "memory": "mpo.memory",
+    "validate": "mpo.validate",
 }
 
 
