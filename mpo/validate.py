@@ -64,10 +64,14 @@ def check_media(media: list[Media], config: DataConfig, workers: int, full: bool
             return error.reason
         return None
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = pool.map(check, media)
-        bar = tqdm(results, total=len(media), desc="validate", unit="file", disable=not progress, dynamic_ncols=True)
-        return {item: problem for item, problem in zip(media, bar) if problem is not None}
+    problems = {}
+    bar = tqdm(total=len(media), desc="validate", unit="file", disable=not progress, dynamic_ncols=True)
+    with ThreadPoolExecutor(max(1, workers)) as pool, bar:
+        for item, problem in zip(media, pool.map(check, media)):
+            bar.update(1)
+            if problem is not None:
+                problems[item] = problem
+    return problems
 
 
 def bad_records(records: list[PreferenceRecord], problems: dict[Media, str]) -> list[DataError]:

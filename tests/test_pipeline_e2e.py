@@ -223,7 +223,9 @@ def test_stage_commands_reproduce_build(workspace: Path, built: Path, tmp_path: 
     assert main(["dropout-ntp", "--samples", str(samples), "--out", str(ntp), *ntp_flags]) == 0
     assert main(["pair", "--matched", str(matched), "--ntp", str(ntp), "--image-root", images, "--out-dir", str(out)]) == 0
     assert _annotations(out) == _annotations(built)
-    assert json.loads((out / "meta.json").read_text()).keys() == json.loads((built / "meta.json").read_text()).keys()
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta.keys() == json.loads((built / "meta.json").read_text()).keys()
+    assert {entry["max_dynamic_patch"] for entry in meta.values()} == {2}  # read from the logs: pair has no --max-tiles
     assert _lines(tmp_path / "m.resample.jsonl") == _lines(built / "work" / "shapes" / "resample.jsonl")
 
 
