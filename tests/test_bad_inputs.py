@@ -17,6 +17,7 @@ from transformers import AutoProcessor
 from mpo.config import DataConfig, recipe_from_dict
 from mpo.data import PreferenceDataset, load_records
 from mpo.errors import DataError
+from tests.test_distributed import launch_env  # noqa: F401 (the fixture of launched runs)
 from tests.test_media import exif_rotated, header_only_png, write_clip
 
 GOOD = {"image": "ok.png", "question": "<image>\nHow many circles?", "chosen": "Two.\nFinal answer: 2",
@@ -289,3 +290,23 @@ def test_skip_log_is_shared_by_processes(tmp_path):
     lines = (tmp_path / "skipped.jsonl").read_text().splitlines()
     assert [json.loads(x)["line"] for x in lines] == [1, 2, 3, 5]
     assert SkipLog(tmp_path, start_over=True).count == 0 and (tmp_path / "skipped.jsonl").read_text() == ""
+
+
+@pytest.mark.slow
+def test_two_processes_skip_each_bad_record_once(launch_env, tiny_model_dir, tmp_path):
+    """Under DDP (2 processes, 2 epochs of 4-pair steps): ``data.validate`` splits the header
+    checks between the processes and both drop the same 3 records at start-up; a truncated PNG
+    (its header is fine) is met lazily by one process or the other, in both epochs. skipped.jsonl
+    lists the 10 bad records once each."""
+    from tests.test_distributed import PROBE, launch
+    from tests.test_media import _truncated_png
+
+    data, shapes, expected = _broken_dataset(tmp_path)
+    (data / "images" / "shapes_09.png").write_bytes(_truncated_png())  # line 10's image
+    out = tmp_path / "run"
+    recipe = tmp_path / "r.yaml"
+    spec = _recipe(tiny_model_dir, data, out, on_bad_sample="skip", validate=True)
+    spec["train"].update(micro_batch_size=1, gradient_accumulation_steps=2, max_steps=6)
+    recipe.write_text(json.dumps(spec))
+    launch(launch_env, "ddp.yaml", [str(PROBE), str(recipe)], [])
+    assert sorted(_skipped(out)) == sorted([(f.name, n) for f, n in expected] + [(shapes.name, 10)])

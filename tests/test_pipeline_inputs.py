@@ -23,12 +23,15 @@ LATIN1 = '{"image": "a.png", "question": "Caf\xe9?", "answer": "1"}'.encode("lat
 
 
 def _workspace(tmp_path: Path, lines: list) -> tuple[Path, Path]:
-    """``images/`` with a.png, a 20000x20000-pixel header (huge.png) and a symlinked folder
-    ``linked -> ../elsewhere`` holding b.png; ``q.jsonl`` with ``lines`` (dicts or bytes)."""
+    """``images/`` with a.png, a 20000x20000-pixel header (huge.png), a zero-byte empty.png, a
+    directory folder.png and a symlinked folder ``linked -> ../elsewhere`` holding b.png;
+    ``q.jsonl`` with ``lines`` (dicts or bytes)."""
     images = tmp_path / "images"
     images.mkdir()
     Image.new("RGB", (64, 64), (200, 40, 40)).save(images / "a.png")
     header_only_png(images / "huge.png", 20000, 20000)
+    (images / "empty.png").write_bytes(b"")
+    (images / "folder.png").mkdir()
     (tmp_path / "elsewhere").mkdir()
     Image.new("RGB", (64, 64), (40, 40, 200)).save(tmp_path / "elsewhere" / "b.png")
     (images / "linked").symlink_to(tmp_path / "elsewhere")
@@ -53,8 +56,10 @@ def _sample_args(questions: Path, images: Path, out: Path, model: Path, *extra: 
          "path '../secret.png' is outside the image root {images}: '..' is not allowed"),
         ({"image": "{tmp}/secret.png", "question": "Q?", "answer": "1"}, "image",
          "path '{tmp}/secret.png' is outside the image root {images}"),
+        ({"image": "empty.png", "question": "Q?", "answer": "1"}, "image", "cannot identify image file '{images}/empty.png'"),
+        ({"image": "folder.png", "question": "Q?", "answer": "1"}, "image", "{images}/folder.png is a directory, not an image file"),
     ],
-    ids=["latin-1", "oversized", "dot-dot", "absolute-outside"],
+    ids=["latin-1", "oversized", "dot-dot", "absolute-outside", "zero-byte", "directory"],
 )
 def test_bad_input_line_stops_in_one_line_or_is_skipped(tmp_path, capsys, line, field, reason):
     """Old: the Latin-1 line and the oversized image ended as "unexpected error" with no file or
