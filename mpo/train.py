@@ -314,7 +314,7 @@ class MPOTrainer:
         return {
             "step": self.step,
             "reward_shift": self.reward_shift.state_dict(),
-            "skipped": self.skip_log.count,
+            "skipped": self.skip_log.refresh(),
             "recipe": self.recipe.to_dict(),
         }
 
