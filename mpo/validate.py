@@ -18,7 +18,6 @@ list, or with ``data.on_bad_sample: skip`` go to ``skipped.jsonl`` before the fi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -17,7 +17,7 @@ from data_pipeline.records import read_log
 from mpo.config import DataConfig
 from mpo.data import PreferenceDataset, load_records
 from mpo.errors import DataError
-from tests.test_media import exif_rotated, header_only_png
+from tests.test_media import header_only_png
 
 LATIN1 = '{"image": "a.png", "question": "Caf\xe9?", "answer": "1"}'.encode("latin-1")
 
