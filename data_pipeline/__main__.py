@@ -7,11 +7,14 @@
     mpo-data pair --matched matched.jsonl --ntp ntp.jsonl --image-root images/ --out-dir mmpr/
     mpo-data serve --model ckpt/ --port 8000
 
-Errors in the input (missing or corrupt image, malformed line, missing field) print one line
-naming the file, line and field; --skip-bad counts and lists them instead.
+Errors in the input (an image outside --image-root, missing, corrupt or larger than
+--max-image-pixels; a line that is not UTF-8 or not JSON; a missing field) print one line naming
+the file, line and field; ``--skip-bad`` counts and lists them instead. An input with no usable
+question, or a build that writes no pair, also ends in one line saying why.
 
 Exit codes (as mpo's): 0 done; 1 the job failed while running (a model or server that failed, an
-unexpected error); 2 usage or bad input (a flag, a value, an input line); 130 interrupted.
+unexpected error); 2 usage or bad input (a flag, a value, an input line, no usable question, no
+pair written); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from data_pipeline.backends import BackendError
 from data_pipeline.records import ResumeError
 from data_pipeline.sharding import ShardSpec
 from mpo.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED
+from mpo.config import MAX_IMAGE_PIXELS
 from mpo.errors import DataError
 
 
@@ -58,6 +62,8 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-root", help="directory image paths are relative to (default: the input file's directory)")
     g.add_argument("--name", help="dataset name of lines without a 'dataset' field (default: the input file's stem)")
     g.add_argument("--skip-bad", action="store_true", help="skip and count bad input lines instead of stopping")
+    g.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help="largest image accepted (width x height); a larger one is a bad input (the trainer's data.max_image_pixels)")
 
 
 def add_prompt_args(p: argparse.ArgumentParser) -> None:
@@ -162,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the choice of pairs")
     p.add_argument("--ntp-ratio", type=_ratio, default=0.5, help="the ratio dropout-ntp used (names the subset)")
     p.add_argument("--resample-out", help="where all-wrong questions go (default: <matched>.resample.jsonl)")
+    p.add_argument("--max-tiles", type=int, default=None,
+                   help="the --max-tiles the samples were drawn with, for logs that do not record it (written to meta.json) (default: the budget each log line records)")
     add_pair_args(p)
 
     p = sub.add_parser("build", formatter_class=Defaults, help="sample, match, dropout-ntp and pair in one resumable run")

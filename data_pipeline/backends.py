@@ -28,6 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 from data_pipeline.prompts import IMAGE_PLACEHOLDER
+from mpo.inputs import is_plain_rgb_file
 
 
 class BackendError(RuntimeError):
@@ -174,8 +175,9 @@ class TransformersBackend:
 
 
 def _image_data_url(image: Image.Image, path: Path | None) -> str:
-    if path is not None:
-        # The original bytes: smaller than a re-encode, and the server decodes the same pixels.
+    if path is not None and is_plain_rgb_file(path):
+        # The original bytes: smaller than a re-encode, and any server decodes the same pixels
+        # (not so for an EXIF-rotated photo or 16-bit greyscale, which go as the decoded PNG).
         data = Path(path).read_bytes()
         mime = mimetypes.guess_type(str(path))[0] or "application/octet-stream"
     else:

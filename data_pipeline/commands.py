@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 
 from data_pipeline.backends import SamplingParams, model_identity
-from data_pipeline.build import BuildPaths, PairSettings, assemble, run_build
+from data_pipeline.build import BuildPaths, PairSettings, Summary, assemble, run_build
 from data_pipeline.dropout_ntp import NTPSettings, continue_without_image
 from data_pipeline.judging import match_records, merge_sample_logs, tally
 from data_pipeline.match import parse_modes
 from data_pipeline.prompts import get_template
 from data_pipeline.records import SampleRecord, iter_jsonl, read_log, read_questions, split_skipped, write_jsonl_atomic
 from data_pipeline.sample import SampleSettings, sample_questions
+from mpo.errors import DataError
 
 
 class LazyBackend:
@@ -91,10 +92,21 @@ def _questions(args: argparse.Namespace):
     source = Path(args.input)
     name = args.name or source.stem
     image_root = Path(args.image_root) if args.image_root else source.parent
+    if args.max_image_pixels < 1:
+        raise ValueError("--max-image-pixels must be at least 1")
     questions, bad_lines = read_questions(source, name, args.skip_bad)
     for error in bad_lines:
         _log(f"skipped: {error}")
+    if not questions:
+        reason = f"every line is bad ({len(bad_lines)} skipped, listed above)" if bad_lines else "the file has no questions"
+        raise DataError(f"nothing to do: {reason}", file=str(source))
     return questions, bad_lines, image_root, name
+
+
+def _require_pairs(summary: Summary, source: str) -> None:
+    """A build that wrote no pair fails, saying why (the summary printed above has the counts)."""
+    if not summary.pairs:
+        raise DataError(f"wrote 0 pairs: {summary.no_pairs_reason()}", file=source)
 
 
 def _read_logs(paths: list[str]) -> list[tuple[str, list[dict]]]:
@@ -109,7 +121,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     backend = LazyBackend(args)
     try:
         stats, bad = sample_questions(questions, image_root, backend, _sample_settings(args), args.out, args.shard,
-                                      args.skip_bad, not args.no_progress)
+                                      args.skip_bad, not args.no_progress, args.max_image_pixels)
     finally:
         backend.close()
     _log(f"sample: {stats.items} questions in shard {args.shard.tag}: {stats.already_done} were done, "
@@ -143,14 +155,17 @@ def cmd_dropout_ntp(args: argparse.Namespace) -> int:
 
 def cmd_pair(args: argparse.Namespace) -> int:
     matched = [SampleRecord.from_json(value) for _, value in iter_jsonl(args.matched)]
+    if not matched:
+        raise DataError("no judged records to pair", file=args.matched)
     ntp_records = [r for _, records in _read_logs(args.ntp) for r in records]
     stats = tally(matched)
     out_dir = Path(args.out_dir)
     matched_path = Path(args.matched)
     resample = Path(args.resample_out) if args.resample_out else matched_path.with_name(matched_path.stem + ".resample.jsonl")
     summary = assemble(matched, ntp_records, stats, out_dir, Path(args.image_root), resample,
-                       PairSettings(args.max_pairs, args.seed, args.answer_fix), args.ntp_ratio)
+                       PairSettings(args.max_pairs, args.seed, args.answer_fix), args.ntp_ratio, args.max_tiles)
     print(summary.render())
+    _require_pairs(summary, args.matched)
     return 0
 
 
@@ -162,7 +177,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         summary = run_build(
             questions, bad_lines, image_root, paths, backend, _sample_settings(args), _ntp_settings(args),
             PairSettings(args.max_pairs, args.seed, args.answer_fix), parse_modes(args.mode), args.threshold,
-            args.shard, args.skip_bad, not args.no_progress,
+            args.shard, args.skip_bad, not args.no_progress, args.max_image_pixels,
         )
     finally:
         backend.close()
@@ -171,6 +186,7 @@ def cmd_build(args: argparse.Namespace) -> int:
              f"writes {paths.out_dir}/meta.json (rerunning any shard's command after all finished does it too).")
         return 0
     print(summary.render())
+    _require_pairs(summary, args.input)
     print(f"wrote {paths.out_dir / 'meta.json'}")
     return 0
 

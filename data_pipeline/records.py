@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mpo.errors import DataError
+from mpo.jsonl import json_object_lines
 
 
 class ResumeError(RuntimeError):
@@ -72,6 +73,7 @@ class SampleRecord:
     answer_format: str
     responses: list[str]
     finish_reasons: list[str]
+    max_tiles: int | None = None  # the tile budget the responses were sampled with (absent in old logs)
     modes: list[str] = field(default_factory=list)  # set by the match stage
     judgements: list[ResponseJudgement] = field(default_factory=list)  # one per response, match stage
 
@@ -100,24 +102,18 @@ def split_skipped(lines: Iterable[dict]) -> tuple[list[SampleRecord], list[dict]
     return records, skipped
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """Yields ``(line_number, value)`` for each non-blank line; a malformed line raises DataError."""
-    with open(path, encoding="utf-8") as handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                yield number, json.loads(text)
-            except json.JSONDecodeError as error:
-                raise DataError(f"malformed JSON ({error.msg} at column {error.colno})", file=str(path), line=number) from None
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yields ``(line_number, object)`` for each non-blank line; a bad line raises DataError."""
+    for number, value in json_object_lines(path, "file"):
+        if isinstance(value, DataError):
+            raise value
+        yield number, value
 
 
-def _parse_question(value: Any, *, path: str, line: int, default_dataset: str) -> Question:
+def _parse_question(value: dict, *, path: str, line: int, default_dataset: str) -> Question:
     def fail(field: str, message: str) -> DataError:
         return DataError(message, file=path, line=line, field=field)
 
-    if not isinstance(value, dict):
-        raise fail("line", f"expected a JSON object, got {type(value).__name__}")
     if "image" in value and "images" in value:
         raise fail("image", "give either 'image' or 'images', not both")
     raw_images = value.get("image", value.get("images"))
@@ -156,33 +152,27 @@ def read_questions(path: str | os.PathLike, default_dataset: str, skip_bad: bool
     """Reads the input JSONL. A bad line raises, or with ``skip_bad`` is returned in the second list.
 
     Lines without ``id`` are keyed by their line number, so sharding and resuming stay stable
-    as long as the file does not change.
+    as long as the file does not change. Image paths are judged (the path rule, the files) by the
+    sample stage, which knows the image root.
     """
     path = str(path)
-    if not os.path.isfile(path):
-        raise DataError("input file not found", file=path)
     questions: list[Question] = []
     bad: list[DataError] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                try:
-                    value = json.loads(text)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"malformed JSON ({error.msg} at column {error.colno})", file=path, line=number, field="line") from None
-                question = _parse_question(value, path=path, line=number, default_dataset=default_dataset)
-                if question.id in seen:
-                    raise DataError(f"duplicate id {question.id!r} (first on line {seen[question.id]})", file=path, line=number, field="id")
-            except DataError as error:
-                if not skip_bad:
-                    raise
-                bad.append(error)
-                continue
-            seen[question.id] = number
-            questions.append(question)
+    for number, value in json_object_lines(path, "input file"):
+        try:
+            if isinstance(value, DataError):
+                raise value
+            question = _parse_question(value, path=path, line=number, default_dataset=default_dataset)
+            if question.id in seen:
+                raise DataError(f"duplicate id {question.id!r} (first on line {seen[question.id]})", file=path, line=number, field="id")
+        except DataError as error:
+            if not skip_bad:
+                raise
+            bad.append(error)
+            continue
+        seen[question.id] = number
+        questions.append(question)
     return questions, bad
 
 

@@ -37,6 +37,7 @@ COMMANDS = {
     "tiny-model": ("mpo.tiny_model", "write a random tiny InternVL checkpoint (tests, laptops)"),
     "shapes-task": ("mpo.demo.shapes", "write the synthetic shapes reasoning task of the demo"),
     "demo": ("mpo.demo.run", "the end-to-end CPU demo: SFT -> preference data -> MPO -> evaluation"),
+    "validate": ("mpo.validate", "check every record, image and video a recipe will use, before training"),
 }
 
 

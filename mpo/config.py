@@ -31,6 +31,9 @@ _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 # accelerate's trackers (``accelerate.utils.LoggerType`` less "all"), as HF Trainer's report_to.
 Tracker = Literal["wandb", "tensorboard", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"]
 
+MAX_IMAGE_PIXELS = 89_478_485
+"""The default pixel limit per image: Pillow's own decompression-bomb threshold (about 9459 x 9459)."""
+
 
 @dataclass
 class LoraConfig:
@@ -80,12 +83,21 @@ class ModelConfig:
 class ReferenceConfig:
     precomputed_path: str = ""
     """A file written by ``mpo precompute-ref``; when set, no reference model is loaded."""
+    image_fingerprint: Literal["stat", "content"] = "stat"
+    """How the precomputed file identifies the images and videos it was computed on: ``stat``
+    (size and modification time of each file: one ``stat`` per file, but an image replaced by one
+    of the same size with its old time kept, e.g. ``cp -p``, goes unnoticed) or ``content`` (a
+    hash of every byte: certain, but it reads the whole dataset at every start)."""
 
 
 @dataclass
 class DataConfig:
     meta_path: str = ""
     """An MMPR ``meta.json``; exactly one of ``meta_path`` / ``jsonl_path`` / ``dataset_path`` is set."""
+    data_root: str = ""
+    """The directory meta.json's relative ``root``/``annotation`` paths start from. Empty: the
+    folder of meta.json, else its parent (the released MMPR-v1.2 writes them relative to the
+    folder above it, e.g. ``MMPR-v1.2/annotations/...``)."""
     jsonl_path: str = ""
     """A single annotation JSONL, its images under ``image_root``."""
     dataset_path: str = ""
@@ -96,7 +108,14 @@ class DataConfig:
     image_root: str = ""
     """Where relative image paths point (default: the JSONL's or the dataset's directory)."""
     max_dynamic_patch: int = 6
-    """Tile budget per sample unless its meta.json entry sets its own."""
+    """Tile budget per sample unless its meta.json entry sets its own (``mpo-data`` writes the
+    budget it sampled with there)."""
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    """Largest image accepted, in pixels (width x height); a larger one is a bad record (an error,
+    or skipped), found from its header before any pixel is decoded."""
+    validate: bool = False
+    """Before training, check every image and video header the run will use (what ``mpo validate``
+    does), instead of finding a bad file when its batch comes up."""
     max_length: int = 8192
     """Longest prompt + response, in tokens (image tokens included)."""
     overlong: Literal["truncate", "drop"] = "truncate"
@@ -105,7 +124,7 @@ class DataConfig:
     on_bad_sample: Literal["error", "skip"] = "error"
     """Bad records: stop with an error, or skip them into ``output_dir/skipped.jsonl``."""
     video_frames: int = 8
-    """Frames sampled uniformly from each video (one tile each)."""
+    """Frames sampled per video (the middles of equal segments), one tile each."""
     num_workers: int = 0
     """DataLoader workers that decode and tile images in the background (0: in the training loop)."""
     shuffle: bool = True
@@ -327,6 +346,9 @@ def _validate(recipe: Recipe, source: str) -> None:
     for name in ("micro_batch_size", "gradient_accumulation_steps"):
         if getattr(train, name) < 1:
             raise DataError("must be at least 1", file=source, field=f"train.{name}")
+    for name in ("max_dynamic_patch", "max_length", "max_image_pixels", "video_frames"):
+        if getattr(data, name) < 1:
+            raise DataError(f"must be at least 1, got {getattr(data, name)}", file=source, field=f"data.{name}")
     if train.max_steps < 0 or train.num_epochs <= 0 and train.max_steps == 0:
         raise DataError("set train.max_steps > 0 or train.num_epochs > 0", file=source)
     if min(recipe.loss.dpo_weight, recipe.loss.bco_weight, recipe.loss.sft_weight) < 0:

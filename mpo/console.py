@@ -74,7 +74,7 @@ def startup_summary(trainer) -> str:
     rows = [
         ("model", f"{recipe.model.name_or_path} ({trainer.total_params:,} parameters, {trainer.trainable:,} trainable"
                   f"{', LoRA' if recipe.model.lora.enabled else ''})"),
-        ("data", f"{len(trainer.dataset)} pairs from {_subsets(trainer.dataset.records)}; {trainer.fetch.skipped_count} skipped"),
+        ("data", f"{len(trainer.dataset)} pairs from {_subsets(trainer.dataset.records)}; {trainer.skip_log.count} skipped"),
         ("layout", f"{recipe.forward.layout}{', vision once per pair' if recipe.forward.dedupe_vision else ''}"),
         ("reference", reference),
         ("precision", f"weights {recipe.model.dtype}, mixed precision {recipe.train.mixed_precision}"),

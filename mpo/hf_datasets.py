@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mpo.config import DataConfig
-from mpo.data import _inside
+from mpo.data import record_path
 from mpo.errors import DataError
 from mpo.inputs import IMAGE_PLACEHOLDER, normalize_question
 from mpo.modeling import cache_dir
@@ -112,7 +112,7 @@ def _image_path(image, column: str, root: Path, where: dict) -> str:
     if isinstance(image, dict) and image.get("bytes") is None and isinstance(image.get("path"), str):
         image = image["path"]
     if isinstance(image, str):
-        return _inside(root, image, where["file"], where["line"], column)
+        return record_path(root, image, where["file"], where["line"], column)
     data = image.get("bytes") if isinstance(image, dict) else image
     if not isinstance(data, bytes) or not data:
         raise DataError(f"expected an image (bytes or a path), got {_short(image)}", field=column, **where)

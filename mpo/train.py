@@ -34,7 +34,7 @@ from mpo.checkpoint import load_checkpoint, save_checkpoint
 from mpo.collate import build_collator
 from mpo.config import Recipe, load_recipe
 from mpo.console import quiet_libraries, startup_summary
-from mpo.data import PreferenceDataset, append_skipped, load_records
+from mpo.data import PreferenceDataset
 from mpo.errors import DataError, OverlongPair
 from mpo.forward import PreferenceForward
 from mpo.losses import MPOLoss, RewardShift
@@ -44,7 +44,9 @@ from mpo.preflight import check_before_loading
 from mpo.reference import DisabledAdapterReference, FrozenModelReference
 from mpo.sampling import GlobalBatchOrder
 from mpo.saving import save_final_model
+from mpo.skips import SkipLog
 from mpo.types import EncodedPair
+from mpo.validate import load_checked_records
 
 
 def uses_deepspeed() -> bool:
@@ -107,14 +109,12 @@ class PairFetcher:
 
     A bad pair (``DataError``) stops the run unless ``skip``; an over-long pair to drop
     (``OverlongPair``) is always skipped. A skipped pair is reported once (``skipped.jsonl`` and the
-    console) and replaced by the next good pair, so every process keeps the same micro-batch size
-    and no collective operation waits on a process with less work.
+    console, across processes and resumes) and replaced by the next good pair, so every process
+    keeps the same micro-batch size and no collective operation waits on a process with less work.
     """
 
-    def __init__(self, dataset: PreferenceDataset, skip: bool, output_dir: str):
-        self.dataset, self.skip, self.output_dir = dataset, skip, output_dir
-        self.reported: set[str] = set()
-        self.skipped_count = 0
+    def __init__(self, dataset: PreferenceDataset, skip: bool, skip_log: SkipLog):
+        self.dataset, self.skip, self.skip_log = dataset, skip, skip_log
         self.truncated_count = 0
 
     def resolve(self, items: list[EncodedPair | DataError], indices: list[int]) -> list[EncodedPair]:
@@ -132,12 +132,8 @@ class PairFetcher:
         raise DataError("every pair of the dataset is unusable")
 
     def _report(self, error: DataError) -> None:
-        if str(error) in self.reported:
-            return
-        self.reported.add(str(error))
-        self.skipped_count += 1
-        append_skipped(self.output_dir, [error])
-        tqdm.write(f"skipped {error}")
+        for new in self.skip_log.add([error]):
+            tqdm.write(f"skipped {new}")
 
 
 class MicroBatchIndices:
@@ -169,9 +165,7 @@ class MPOTrainer:
         Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
 
         skipped: list[DataError] | None = [] if recipe.data.on_bad_sample == "skip" else None
-        records = load_records(recipe.data, recipe.seed, skipped)
-        if skipped and accelerator.is_main_process:
-            append_skipped(recipe.output_dir, skipped)
+        records = load_checked_records(recipe, accelerator, skipped)
         train = recipe.train
         self.order = GlobalBatchOrder(
             num_records=len(records),
@@ -183,11 +177,15 @@ class MPOTrainer:
         )
         resume = check_before_loading(recipe, self.order)
         self.total_steps = train.max_steps or math.ceil(train.num_epochs * self.order.steps_per_epoch)
+        # A fresh run starts its skip report over, on the main process before any other reads it.
+        with accelerator.main_process_first():
+            self.skip_log = SkipLog(recipe.output_dir, start_over=resume is None and accelerator.is_main_process)
+        if skipped and accelerator.is_main_process:
+            self.skip_log.add(skipped)
 
         self.processor = load_processor(recipe.model)
         self.dataset = PreferenceDataset(records, self.processor, recipe.data)
-        self.fetch = PairFetcher(self.dataset, recipe.data.on_bad_sample == "skip", recipe.output_dir)
-        self.fetch.skipped_count = len(skipped or [])
+        self.fetch = PairFetcher(self.dataset, recipe.data.on_bad_sample == "skip", self.skip_log)
         self.collate = build_collator(recipe.forward, recipe.data, self.processor.tokenizer.pad_token_id)
         self.precomputed = None
         if recipe.reference.precomputed_path:
@@ -237,7 +235,6 @@ class MPOTrainer:
             state = load_checkpoint(accelerator, resume)
             self.step = state["step"]
             self.reward_shift.load_state_dict(state["reward_shift"])
-            self.fetch.skipped_count = state.get("skipped", self.fetch.skipped_count)
             self._print(f"resumed from {resume} at step {self.step}, delta {self.reward_shift.value:.6f}")
         self.metrics = MetricsWriter(accelerator, recipe, self.step)
 
@@ -321,7 +318,7 @@ class MPOTrainer:
         return {
             "step": self.step,
             "reward_shift": self.reward_shift.state_dict(),
-            "skipped": self.fetch.skipped_count,
+            "skipped": self.skip_log.refresh(),
             "recipe": self.recipe.to_dict(),
         }
 
@@ -350,8 +347,9 @@ class MPOTrainer:
                     save_checkpoint(accelerator, recipe.output_dir, self.step, self.trainer_state(), recipe.train.keep_last)
         save_checkpoint(accelerator, recipe.output_dir, self.step, self.trainer_state(), recipe.train.keep_last)
         final = save_final_model(accelerator, self.policy, self.processor, recipe)
-        if self.fetch.skipped_count:
-            self._print(f"skipped {self.fetch.skipped_count} pair(s); see {Path(recipe.output_dir) / 'skipped.jsonl'}")
+        skipped = self.skip_log.refresh()
+        if skipped:
+            self._print(f"skipped {skipped} pair(s); see {self.skip_log.path}")
         if self.fetch.truncated_count:
             self._print(f"truncated the responses of {self.fetch.truncated_count} pair(s) to data.max_length")
         self._print(f"final model saved to {final}")

@@ -142,7 +142,7 @@ def test_build_writes_mmpr_the_trainer_reads(workspace: Path, built: Path, capsy
     assert (summary["questions"], summary["samples"]) == (5, 30)
     assert summary["bad_inputs"] == [
         f"{workspace / 'with_bad.jsonl'}:6: image: image not found: {workspace / 'images' / 'missing.png'}",
-        f"{workspace / 'with_bad.jsonl'}:7: line: malformed JSON (Expecting property name enclosed in double quotes at column 2)",
+        f"{workspace / 'with_bad.jsonl'}:7: <line>: malformed JSON (Expecting property name enclosed in double quotes at column 2)",
     ]
     assert [r["message"] for r in _lines(out / "work" / "shapes" / "bad_inputs.jsonl")] == summary["bad_inputs"]
     meta = json.loads((out / "meta.json").read_text())
@@ -151,8 +151,9 @@ def test_build_writes_mmpr_the_trainer_reads(workspace: Path, built: Path, capsy
     assert sorted(matched) == ["q1", "q2", "q3", "q4", "q5"]
     assert not [p for p in out.rglob("*") if "lock" in p.name]  # no lock files left next to the outputs
     for name, entry in meta.items():
-        assert set(entry) == {"root", "annotation", "repeat_time", "length"}
+        assert set(entry) == {"root", "annotation", "repeat_time", "length", "max_dynamic_patch"}
         assert entry["root"] == str(workspace / "images") and entry["repeat_time"] == 1.0
+        assert entry["max_dynamic_patch"] == 2  # the --max-tiles of SAMPLING
         assert entry["annotation"] == str(out / "annotations" / f"{name}.jsonl")
         assert entry["length"] == len(_lines(Path(entry["annotation"]))) > 0
 
@@ -223,7 +224,9 @@ def test_stage_commands_reproduce_build(workspace: Path, built: Path, tmp_path: 
     assert main(["dropout-ntp", "--samples", str(samples), "--out", str(ntp), *ntp_flags]) == 0
     assert main(["pair", "--matched", str(matched), "--ntp", str(ntp), "--image-root", images, "--out-dir", str(out)]) == 0
     assert _annotations(out) == _annotations(built)
-    assert json.loads((out / "meta.json").read_text()).keys() == json.loads((built / "meta.json").read_text()).keys()
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta.keys() == json.loads((built / "meta.json").read_text()).keys()
+    assert {entry["max_dynamic_patch"] for entry in meta.values()} == {2}  # read from the logs: pair has no --max-tiles
     assert _lines(tmp_path / "m.resample.jsonl") == _lines(built / "work" / "shapes" / "resample.jsonl")
 
 
