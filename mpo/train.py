@@ -6,7 +6,8 @@ Launch (one process, DDP or DeepSpeed, CPU or GPU alike)::
 
 How it departs from the official InternVL/TRL MPO trainer:
 1. The reward shift delta is a running mean over optimizer steps (not micro-batches), used one step
-   late, saved in checkpoints, and never moved by evaluation (see :class:`mpo.losses.RewardShift`).
+   late, saved in checkpoints, and never moved by evaluation (see :class:`mpo.losses.RewardShift`
+   and :mod:`mpo.evaluate`).
 2. The SFT term defaults to the paper's per-response normalisation (``loss.sft_reduction``).
 3. The vision tower runs once per pair, and the reference reuses the policy's image features
    when the vision tower and projector are frozen (``forward.dedupe_vision``).
@@ -29,19 +30,22 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from mpo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from mpo.checkpoint import (
+    RECIPE_FILE, check_zero3_gathers, keep_weights_loadable, load_checkpoint, resolve_resume, save_best, save_checkpoint, write_text_atomic,
+)
 from mpo.collate import build_collator
 from mpo.config import Recipe, load_recipe
 from mpo.data import PreferenceDataset, append_skipped, load_records
 from mpo.errors import DataError, OverlongPair
-from mpo.forward import PreferenceForward
+from mpo.evaluate import evaluate, load_eval_records
+from mpo.forward import ForwardOutput, PreferenceForward
 from mpo.losses import MPOLoss, RewardShift
 from mpo.metrics import MetricsWriter, StepStats
 from mpo.modeling import count_parameters, load_policy, load_processor, load_reference, vision_is_frozen
 from mpo.reference import DisabledAdapterReference, FrozenModelReference
 from mpo.sampling import GlobalBatchOrder
 from mpo.saving import save_final_model
-from mpo.types import EncodedPair
+from mpo.types import EncodedPair, MPOLossOutput, PreferenceBatch
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
@@ -109,14 +113,23 @@ class PairFetcher:
     def resolve(self, items: list[EncodedPair | DataError], indices: list[int]) -> list[EncodedPair]:
         return [self._usable(item, index) for item, index in zip(items, indices)]
 
+    def usable(self, items: list[EncodedPair | DataError]) -> list[EncodedPair]:
+        """The usable pairs of ``items``, the others reported (or raised) and left out."""
+        return [item for item in items if self._accept(item)]
+
+    def _accept(self, item: EncodedPair | DataError) -> bool:
+        if isinstance(item, EncodedPair):
+            self.truncated_count += item.truncated
+            return True
+        if not (self.skip or isinstance(item, OverlongPair)):
+            raise item
+        self._report(item)
+        return False
+
     def _usable(self, item: EncodedPair | DataError, index: int) -> EncodedPair:
         for offset in range(1, len(self.dataset) + 1):
-            if isinstance(item, EncodedPair):
-                self.truncated_count += item.truncated
+            if self._accept(item):
                 return item
-            if not (self.skip or isinstance(item, OverlongPair)):
-                raise item
-            self._report(item)
             item = self.dataset[(index + offset) % len(self.dataset)]
         raise DataError("every pair of the dataset is unusable")
 
@@ -156,21 +169,30 @@ class MPOTrainer:
         set_seed(recipe.seed)
         Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
 
+        if accelerator.is_main_process:
+            write_text_atomic(Path(recipe.output_dir) / RECIPE_FILE, recipe.to_yaml())
+
         self.processor = load_processor(recipe.model)
-        skipped: list[DataError] | None = [] if recipe.data.on_bad_sample == "skip" else None
+        skip = recipe.data.on_bad_sample == "skip"
+        skipped: list[DataError] | None = [] if skip else None
         records = load_records(recipe.data, recipe.seed, skipped)
+        train_records, eval_records = load_eval_records(recipe.data, recipe.seed, records, skipped)
         if skipped and accelerator.is_main_process:
             append_skipped(recipe.output_dir, skipped)
-        self.dataset = PreferenceDataset(records, self.processor, recipe.data)
-        self.fetch = PairFetcher(self.dataset, recipe.data.on_bad_sample == "skip", recipe.output_dir)
+        self.dataset = PreferenceDataset(train_records, self.processor, recipe.data)
+        self.fetch = PairFetcher(self.dataset, skip, recipe.output_dir)
         self.fetch.skipped_count = len(skipped or [])
+        self.eval_dataset = PreferenceDataset(eval_records, self.processor, recipe.data) if eval_records else None
+        self.eval_fetch = PairFetcher(self.eval_dataset, skip, recipe.output_dir) if eval_records else None
         self.collate = build_collator(recipe.forward, recipe.data, self.processor.tokenizer.pad_token_id)
         self.precomputed = None
         if recipe.reference.precomputed_path:
             from mpo.precompute import PrecomputedReference
 
-            # Checked before any model loads, so a stale file is refused in seconds.
-            self.precomputed = PrecomputedReference.open(recipe.reference.precomputed_path, recipe, self.dataset)
+            # Checked before any model loads, so a stale file is refused in seconds. It covers every
+            # record of the data, held-out ones (data.eval_fraction) included.
+            every_record = PreferenceDataset(records, self.processor, recipe.data)
+            self.precomputed = PrecomputedReference.open(recipe.reference.precomputed_path, recipe, every_record)
         self.order = GlobalBatchOrder(
             num_records=len(self.dataset),
             micro_batch_size=recipe.train.micro_batch_size,
@@ -200,6 +222,7 @@ class MPOTrainer:
             from mpo.distributed import check_supported, configure_deepspeed, text_hidden_size
 
             check_supported(accelerator, recipe.model)
+            check_zero3_gathers(accelerator)
             # No dataloader goes through prepare(): DeepSpeed learns batch, accumulation and
             # clipping here, before ZeRO-3 partitions the weights as they load.
             configure_deepspeed(
@@ -222,14 +245,17 @@ class MPOTrainer:
         )
         self.policy, self.optimizer, self.scheduler = accelerator.prepare(policy, optimizer, scheduler)
         self.reference = self._build_reference()
+        keep_weights_loadable(accelerator)
 
         self.step = 0
+        self.best: dict | None = None  # the step, metric and value of output_dir/best
         resume = resolve_resume(recipe.resume_from, recipe.output_dir)
         if resume is not None:
             state = load_checkpoint(accelerator, resume)
             self.step = state["step"]
             self.reward_shift.load_state_dict(state["reward_shift"])
             self.fetch.skipped_count = state.get("skipped", self.fetch.skipped_count)
+            self.best = state.get("best")
             self._print(f"resumed from {resume} at step {self.step}, delta {self.reward_shift.value:.6f}")
         self.metrics = None
         if accelerator.is_main_process:
@@ -258,18 +284,34 @@ class MPOTrainer:
         if self.accelerator.is_main_process:
             tqdm.write(message)
 
-    def micro_batch_loader(self) -> DataLoader:
-        """Pairs for the remaining steps, encoded (images decoded and tiled) in ``data.num_workers``
-        background workers so the accelerator does not wait on JPEG decoding."""
-        sampler = MicroBatchIndices(self.order, self.step, self.total_steps, self.accelerator.process_index)
+    def pair_loader(self, dataset: PreferenceDataset, batch_sampler) -> DataLoader:
+        """The micro-batches of ``batch_sampler`` (lists of indices), encoded (images decoded and
+        tiled) in ``data.num_workers`` background workers so the accelerator does not wait on
+        JPEG decoding."""
         workers = self.recipe.data.num_workers
         return DataLoader(
-            self.dataset,
-            batch_sampler=sampler,
+            dataset,
+            batch_sampler=batch_sampler,
             collate_fn=_as_list,
             num_workers=workers,
             prefetch_factor=2 if workers else None,
         )
+
+    def micro_batch_loader(self) -> DataLoader:
+        """Training pairs for the remaining steps."""
+        sampler = MicroBatchIndices(self.order, self.step, self.total_steps, self.accelerator.process_index)
+        return self.pair_loader(self.dataset, sampler)
+
+    def score(self, batch: PreferenceBatch, delta: float) -> tuple[ForwardOutput, MPOLossOutput]:
+        """The policy's forward on ``batch``, the reference's, and the MPO loss with shift ``delta``."""
+        policy_out = self.policy(batch)
+        reference_logps = None
+        if self.reference is not None:
+            # The same autocast as the policy's forward, so that at step 1 (policy ==
+            # reference) every reward is exactly 0 in bf16 too.
+            with self.accelerator.autocast():
+                reference_logps = self.reference(batch, policy_out.image_features)
+        return policy_out, self.loss_fn(policy_out.logps, reference_logps, delta)
 
     def train_step(self, micro_batches) -> dict[str, float]:
         """One optimizer step over this process's micro-batches; returns the reduced metrics.
@@ -286,14 +328,7 @@ class MPOTrainer:
             indices, items = next(micro_batches)
             batch = self.collate(self.fetch.resolve(items, indices)).to(accelerator.device)
             with accelerator.accumulate(self.policy):
-                policy_out = self.policy(batch)
-                reference_logps = None
-                if self.reference is not None:
-                    # The same autocast as the policy's forward, so that at step 1 (policy ==
-                    # reference) every reward is exactly 0 in bf16 too.
-                    with accelerator.autocast():
-                        reference_logps = self.reference(batch, policy_out.image_features)
-                output = self.loss_fn(policy_out.logps, reference_logps, delta)
+                policy_out, output = self.score(batch, delta)
                 accelerator.backward(output.loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(self.policy.parameters(), self.recipe.train.max_grad_norm)
@@ -318,8 +353,25 @@ class MPOTrainer:
             "step": self.step,
             "reward_shift": self.reward_shift.state_dict(),
             "skipped": self.fetch.skipped_count,
+            "best": self.best,
             "recipe": self.recipe.to_dict(),
         }
+
+    def evaluate_if_due(self) -> dict[str, float]:
+        """The ``eval/*`` metrics when this step is an evaluation step (``train.eval_every``, the
+        last step), keeping ``output_dir/best`` up to date; else nothing."""
+        every = self.recipe.train.eval_every
+        if self.eval_dataset is None or not (self.step == self.total_steps or every and self.step % every == 0):
+            return {}
+        results = evaluate(self, self.eval_dataset, self.eval_fetch)
+        self._print(f"step {self.step}: eval/loss {results['eval/loss']:.4f} over {results['eval/pairs']:.0f} held-out pairs")
+        metric = self.recipe.train.save_best
+        if metric and not math.isnan(results[metric]):
+            value, best = results[metric], self.best and self.best["value"]
+            if best is None or (value < best if self.recipe.train.save_best_mode == "min" else value > best):
+                self.best = {"step": self.step, "metric": metric, "value": value}
+                save_best(self.accelerator, self.policy, self.processor, self.recipe, self.best)
+        return results
 
     def train(self) -> None:
         recipe, accelerator = self.recipe, self.accelerator
@@ -330,6 +382,9 @@ class MPOTrainer:
         )
         if self.order.dropped_per_epoch:
             self._print(f"note: {self.order.dropped_per_epoch} pair(s) per epoch do not fill a global batch and are left out")
+        if self.eval_dataset is not None:
+            every = f"every {recipe.train.eval_every} steps and " if recipe.train.eval_every else ""
+            self._print(f"evaluation: {len(self.eval_dataset)} held-out pairs, {every}after the last step")
         self.policy.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="mpo", disable=not accelerator.is_main_process, dynamic_ncols=True)
         loader = self.micro_batch_loader()
@@ -342,14 +397,16 @@ class MPOTrainer:
             metrics["tokens_per_s"] = metrics.pop("tokens") / elapsed
             metrics["pairs_per_s"] = metrics.pop("pairs") / elapsed
             metrics["epoch"] = self.step / max(1, self.order.steps_per_epoch)
-            if self.metrics is not None and (self.step % recipe.train.log_every == 0 or self.step == self.total_steps):
+            evaluation = self.evaluate_if_due()
+            metrics.update(evaluation)
+            if self.metrics is not None and (self.step % recipe.train.log_every == 0 or self.step == self.total_steps or evaluation):
                 self.metrics.log(self.step, metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             if recipe.train.save_every and self.step % recipe.train.save_every == 0 and self.step < self.total_steps:
-                save_checkpoint(accelerator, recipe.output_dir, self.step, self.trainer_state(), recipe.train.keep_last)
+                save_checkpoint(accelerator, self.policy, self.processor, recipe, self.step, self.trainer_state())
         bar.close()
-        save_checkpoint(accelerator, recipe.output_dir, self.step, self.trainer_state(), recipe.train.keep_last)
+        save_checkpoint(accelerator, self.policy, self.processor, recipe, self.step, self.trainer_state())
         final = save_final_model(accelerator, self.policy, self.processor, recipe)
         if self.fetch.skipped_count:
             self._print(f"skipped {self.fetch.skipped_count} pair(s); see {Path(recipe.output_dir) / 'skipped.jsonl'}")
