@@ -27,6 +27,8 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
+
 from mpo.config import Recipe
 from mpo.errors import DataError
 from mpo.saving import load_model_weights, write_model
@@ -70,6 +72,16 @@ def resolve_resume(resume_from: str, output_dir: str | Path) -> Path | None:
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"resume_from: {path} is not a complete checkpoint (no {STATE_FILE})")
     return path
+
+
+def untouched_rng(device: torch.device):
+    """A context whose random draws leave the global RNG (CPU, and ``device`` if CUDA) as it was.
+
+    Creating a DataLoader iterator draws a seed from it. Made inside this context, neither the
+    training loader (created after a resume restored the RNG, but before step 1 otherwise) nor an
+    evaluation's loader shifts the dropout masks of the steps after it.
+    """
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def check_zero3_gathers(accelerator) -> None:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mpo.checkpoint import untouched_rng
 from mpo.config import DataConfig, eval_metric_names
 from mpo.data import PreferenceDataset, load_records
 from mpo.errors import DataError
@@ -123,6 +124,13 @@ class EvalSums:
         return result
 
 
+def improves(value: float, best: float | None, mode: str) -> bool:
+    """Whether an eval ``value`` beats the ``best`` so far (``mode`` ``min`` or ``max``); NaN never does."""
+    if math.isnan(value):
+        return False
+    return best is None or (value < best if mode == "min" else value > best)
+
+
 def evaluate(trainer: MPOTrainer, dataset: PreferenceDataset, fetch: PairFetcher) -> dict[str, float]:
     """Scores every held-out pair once with the trainer's current model and delta.
 
@@ -140,11 +148,8 @@ def evaluate(trainer: MPOTrainer, dataset: PreferenceDataset, fetch: PairFetcher
     batches = eval_micro_batches(len(dataset), accelerator.process_index, accelerator.num_processes, recipe.train.micro_batch_size)
     delta = trainer.reward_shift.value
     fallback = None
-    # Creating a DataLoader draws from the global RNG: forked, training (dropout) draws the same
-    # numbers with and without evaluation.
-    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     trainer.policy.eval()
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    with untouched_rng(accelerator.device), torch.no_grad():
         for items in trainer.pair_loader(dataset, batches):
             pairs = fetch.usable(items)
             fallback = pairs or fallback

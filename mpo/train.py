@@ -31,13 +31,14 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from mpo.checkpoint import (
-    RECIPE_FILE, check_zero3_gathers, keep_weights_loadable, load_checkpoint, resolve_resume, save_best, save_checkpoint, write_text_atomic,
+    RECIPE_FILE, check_zero3_gathers, keep_weights_loadable, load_checkpoint, resolve_resume, save_best,
+    save_checkpoint, untouched_rng, write_text_atomic,
 )
 from mpo.collate import build_collator
 from mpo.config import Recipe, load_recipe
 from mpo.data import PreferenceDataset, append_skipped, load_records
 from mpo.errors import DataError, OverlongPair
-from mpo.evaluate import evaluate, load_eval_records
+from mpo.evaluate import evaluate, improves, load_eval_records
 from mpo.forward import ForwardOutput, PreferenceForward
 from mpo.losses import MPOLoss, RewardShift
 from mpo.metrics import MetricsWriter, StepStats
@@ -365,12 +366,10 @@ class MPOTrainer:
             return {}
         results = evaluate(self, self.eval_dataset, self.eval_fetch)
         self._print(f"step {self.step}: eval/loss {results['eval/loss']:.4f} over {results['eval/pairs']:.0f} held-out pairs")
-        metric = self.recipe.train.save_best
-        if metric and not math.isnan(results[metric]):
-            value, best = results[metric], self.best and self.best["value"]
-            if best is None or (value < best if self.recipe.train.save_best_mode == "min" else value > best):
-                self.best = {"step": self.step, "metric": metric, "value": value}
-                save_best(self.accelerator, self.policy, self.processor, self.recipe, self.best)
+        train = self.recipe.train
+        if train.save_best and improves(results[train.save_best], self.best and self.best["value"], train.save_best_mode):
+            self.best = {"step": self.step, "metric": train.save_best, "value": results[train.save_best]}
+            save_best(self.accelerator, self.policy, self.processor, self.recipe, self.best)
         return results
 
     def train(self) -> None:
@@ -388,7 +387,8 @@ class MPOTrainer:
         self.policy.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="mpo", disable=not accelerator.is_main_process, dynamic_ncols=True)
         loader = self.micro_batch_loader()
-        micro_batches = zip(loader.batch_sampler, loader)
+        with untouched_rng(accelerator.device):
+            micro_batches = zip(loader.batch_sampler, iter(loader))
         while self.step < self.total_steps:
             started = time.perf_counter()
             metrics = self.train_step(micro_batches)
