@@ -23,13 +23,22 @@ HF_FILES = {"config.json", "generation_config.json", "model.safetensors", "token
             "chat_template.jinja", "processor_config.json"}
 
 
-def test_checkpoint_opens_with_plain_transformers(tiny_model_dir, tiny_mmpr_dir, tmp_path):
+OVERRIDES = ["loss.beta=0.2", "train.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_model_dir, tiny_mmpr_dir, tmp_path_factory) -> tuple[dict, Path]:
+    """(recipe, output_dir) of 3 full fine-tuning steps with OVERRIDES, checkpoints at steps 2 and 3."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    recipe = make_recipe(tiny_model_dir, tiny_mmpr_dir, out, max_steps=3, save_every=2, keep_last=5)
+    run(recipe, OVERRIDES)
+    return recipe, out
+
+
+def test_checkpoint_opens_with_plain_transformers(full_run, tiny_model_dir):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    out = tmp_path / "run"
-    recipe = make_recipe(tiny_model_dir, tiny_mmpr_dir, out, max_steps=3, save_every=2, keep_last=5)
-    overrides = ["loss.beta=0.2", "train.lr=1e-3"]
-    run(recipe, overrides)
+    recipe, out = full_run
     step2, step3 = out / "checkpoints" / "step-00000002", out / "checkpoints" / "step-00000003"
     assert {p.name for p in step2.iterdir()} == HF_FILES | ACCELERATE_FILES | {"trainer_state.json", "recipe.yaml"}
     processor = AutoProcessor.from_pretrained(step2)
@@ -41,20 +50,18 @@ def test_checkpoint_opens_with_plain_transformers(tiny_model_dir, tiny_mmpr_dir,
     assert not torch.equal(at_2["model.language_model.layers.0.self_attn.q_proj.weight"], final["model.language_model.layers.0.self_attn.q_proj.weight"])
 
     # The resolved recipe (file plus overrides), in output_dir and in each checkpoint.
-    resolved = recipe_from_dict(recipe, overrides).to_dict()
+    resolved = recipe_from_dict(recipe, OVERRIDES).to_dict()
     assert load_recipe(out / "recipe.yaml").to_dict() == resolved
     assert load_recipe(step2 / "recipe.yaml").to_dict() == resolved
     assert resolved["loss"]["beta"] == 0.2
 
 
-def test_resume_refuses_weights_of_another_model(tiny_model_dir, tiny_mmpr_dir, tmp_path):
+def test_resume_refuses_weights_of_another_model(full_run, tiny_model_dir, tmp_path):
     """Resume reads the HF weight files back one to one: a missing or a foreign weight is an error
     naming the file, never a half-loaded model."""
     from transformers import AutoModelForImageTextToText
 
-    out = tmp_path / "run"
-    run(make_recipe(tiny_model_dir, tiny_mmpr_dir, out, max_steps=1))
-    checkpoint = out / "checkpoints" / "step-00000001"
+    checkpoint = full_run[1] / "checkpoints" / "step-00000002"
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
     load_model_weights(model, checkpoint)
     trained = load_file(checkpoint / "model.safetensors")

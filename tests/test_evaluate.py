@@ -116,7 +116,7 @@ def test_eval_metrics_are_exact_means_over_held_out_pairs(tiny_model_dir, tiny_m
     pairs (SFT ``token``: over chosen tokens). The trainer scored them in micro-batches of 2, 2
     and 1, so a mean of micro-batch means would be off. The best checkpoint by eval/loss is kept."""
     out = tmp_path / "run"
-    recipe = with_eval(make_recipe(tiny_model_dir, tiny_mmpr_dir, out, max_steps=3, save_every=1, keep_last=5),
+    recipe = with_eval(make_recipe(tiny_model_dir, tiny_mmpr_dir, out, max_steps=2, save_every=1, keep_last=5),
                        tiny_mmpr_dir, eval_every=1, save_best="eval/loss")
     recipe["loss"] = {"sft_reduction": sft_reduction}
     trainer = train(recipe)

@@ -197,6 +197,7 @@ def test_wandb_offline_run_logs_config_and_metrics(tiny_model_dir, tiny_mmpr_dir
     monkeypatch.setenv("WANDB_SILENT", "true")
     recipe = make_recipe(tiny_model_dir, tiny_mmpr_dir, tmp_path / "run", max_steps=1)
     recipe.update(report_to="wandb", wandb_project="mpo-test", wandb_run_name="tiny")
+    recipe["data"]["eval_fraction"] = 0.2  # held-out questions: eval/* go to W&B too
     run(recipe)
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
@@ -206,7 +207,7 @@ def test_wandb_offline_run_logs_config_and_metrics(tiny_model_dir, tiny_mmpr_dir
     deadline = time.monotonic() + 60
     while b"rewards/margins" not in (data := store.read_bytes()) and time.monotonic() < deadline:
         time.sleep(0.5)
-    for key in (b"dpo_weight", b"micro_batch_size", b"loss/bco", b"bco/delta", b"rewards/margins"):
+    for key in (b"dpo_weight", b"micro_batch_size", b"loss/bco", b"bco/delta", b"rewards/margins", b"eval/rewards/margins"):
         assert key in data, key
 
 
