@@ -118,7 +118,7 @@ class EvalSums:
         total = accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu().tolist()
         pairs, chosen_tokens = total[-2], total[-1]
         means = {n: total[i] / (chosen_tokens if n == "loss/sft" and self.token_sft else pairs) for i, n in enumerate(names)}
-        means["loss"] = sum(weight * means[f"loss/{term}"] for term, weight in self.weights.items() if weight)
+        means = {"loss": sum(weight * means[f"loss/{term}"] for term, weight in self.weights.items() if weight), **means}
         result = {f"eval/{name}": value for name, value in means.items()}
         result["eval/pairs"] = pairs
         return result
