@@ -180,6 +180,7 @@ class Recipe:
 
     @property
     def has_eval_data(self) -> bool:
+        """Whether the recipe names held-out pairs to evaluate on."""
         data = self.data
         return bool(data.eval_meta_path or data.eval_jsonl_path or data.eval_fraction)
 
