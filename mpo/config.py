@@ -129,6 +129,16 @@ class DataConfig:
     """DataLoader workers that decode and tile images in the background (0: in the training loop)."""
     shuffle: bool = True
     """Shuffle pairs each epoch (seeded); false keeps file order."""
+    eval_meta_path: str = ""
+    """An MMPR ``meta.json`` of held-out pairs to evaluate on (see ``train.eval_every``); at most
+    one of ``eval_meta_path``, ``eval_jsonl_path`` and ``eval_fraction`` is set."""
+    eval_jsonl_path: str = ""
+    """A single held-out annotation JSONL, its images under ``eval_image_root``."""
+    eval_image_root: str = ""
+    """The images of ``eval_jsonl_path`` (default: its directory)."""
+    eval_fraction: float = 0.0
+    """Hold out this fraction of the training questions for evaluation instead (seeded by
+    ``seed``; every pair of a question, same prompt and images, lands on the same side)."""
 
 
 @dataclass
@@ -200,6 +210,14 @@ class TrainConfig:
     """Save a resumable checkpoint every N steps (0: only at the end)."""
     keep_last: int = 2
     """Resumable checkpoints kept on disk."""
+    eval_every: int = 0
+    """Evaluate on the held-out pairs (``data.eval_*``) every N steps and after the last one (0:
+    after the last one only)."""
+    save_best: str = ""
+    """Keep ``output_dir/best``, a loadable copy of the model at the best value so far of this
+    eval metric (e.g. ``eval/loss``); empty: off."""
+    save_best_mode: Literal["min", "max"] = "min"
+    """Whether a lower (``eval/loss``) or a higher (``eval/rewards/accuracies``) value is better."""
 
 
 @dataclass
@@ -231,6 +249,24 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        """The whole recipe, overrides applied; :func:`load_recipe` reads it back to an equal one."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    @property
+    def has_eval_data(self) -> bool:
+        """Whether the recipe names held-out pairs to evaluate on."""
+        data = self.data
+        return bool(data.eval_meta_path or data.eval_jsonl_path or data.eval_fraction)
+
+
+def eval_metric_names(loss: LossConfig) -> list[str]:
+    """The metrics an evaluation logs under these loss weights (a zero-weight term has none)."""
+    terms = [name for name, weight in (("dpo", loss.dpo_weight), ("bco", loss.bco_weight), ("sft", loss.sft_weight)) if weight]
+    rewards = ["chosen", "rejected", "margins", "accuracies"] if loss.dpo_weight or loss.bco_weight else []
+    return ["eval/loss", *(f"eval/loss/{t}" for t in terms), *(f"eval/rewards/{r}" for r in rewards),
+            "eval/logps/chosen", "eval/logps/rejected"]
 
 
 def _convert(value: Any, annotation: Any, key: str) -> Any:
@@ -355,6 +391,29 @@ def _validate(recipe: Recipe, source: str) -> None:
         raise DataError("loss weights must be >= 0", file=source)
     if recipe.loss.dpo_weight == recipe.loss.bco_weight == recipe.loss.sft_weight == 0:
         raise DataError("every loss weight is 0: nothing to train", file=source)
+    _validate_eval(recipe, source)
+
+
+def _validate_eval(recipe: Recipe, source: str) -> None:
+    data, train = recipe.data, recipe.train
+    if sum(map(bool, (data.eval_meta_path, data.eval_jsonl_path, data.eval_fraction))) > 1:
+        raise DataError("set at most one of data.eval_meta_path, data.eval_jsonl_path and data.eval_fraction", file=source)
+    if not 0 <= data.eval_fraction < 1:
+        raise DataError(f"must be in [0, 1), got {data.eval_fraction}", file=source, field="data.eval_fraction")
+    if train.eval_every < 0:
+        raise DataError("must be >= 0", file=source, field="train.eval_every")
+    if (train.eval_every or train.save_best) and not recipe.has_eval_data:
+        field = "train.eval_every" if train.eval_every else "train.save_best"
+        raise DataError("needs held-out pairs: set data.eval_meta_path, data.eval_jsonl_path or data.eval_fraction",
+                        file=source, field=field)
+    names = eval_metric_names(recipe.loss)
+    if train.save_best and train.save_best not in names:
+        raise DataError(f"unknown eval metric {train.save_best!r}; choose from {', '.join(names)}", file=source, field="train.save_best")
+    if recipe.reference.precomputed_path and (data.eval_meta_path or data.eval_jsonl_path):
+        # The stored log-probs cover the training data only; a held-out fraction of it is covered.
+        field = "data.eval_meta_path" if data.eval_meta_path else "data.eval_jsonl_path"
+        raise DataError("a precomputed reference holds no log-probs of other data: evaluate on data.eval_fraction, "
+                        "or unset reference.precomputed_path", file=source, field=field)
 
 
 # ---------------------------------------------------------------- documentation of the keys

@@ -84,5 +84,8 @@ def startup_summary(trainer) -> str:
         ("steps", f"{trainer.total_steps} ({epochs:.2f} epochs; from step {trainer.step}){dropped}"),
         ("outputs", f"{recipe.output_dir}: {save}, final/, metrics.jsonl; trackers: {trackers}"),
     ]
+    if trainer.eval_dataset is not None:
+        every = f"every {recipe.train.eval_every} steps and " if recipe.train.eval_every else ""
+        rows.insert(2, ("evaluation", f"{len(trainer.eval_dataset)} held-out pairs, {every}after the last step"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(["MPO run"] + [f"  {name:<{width}}  {value}" for name, value in rows])

@@ -17,6 +17,20 @@ from mpo.config import Recipe
 from mpo.types import MPOLossOutput, SequenceLogps
 
 
+def pair_values(output: MPOLossOutput, policy: SequenceLogps) -> dict[str, torch.Tensor]:
+    """``[B]`` per-pair values of the reward and log-prob metrics of one micro-batch (detached)."""
+    values = {}
+    if output.chosen_rewards is not None:
+        chosen, rejected = output.chosen_rewards.detach(), output.rejected_rewards.detach()
+        values["rewards/chosen"] = chosen
+        values["rewards/rejected"] = rejected
+        values["rewards/margins"] = chosen - rejected
+        values["rewards/accuracies"] = (chosen > rejected).float()
+    values["logps/chosen"] = policy.chosen_logps.detach()
+    values["logps/rejected"] = policy.rejected_logps.detach()
+    return values
+
+
 class StepStats:
     """Accumulates per-micro-batch means of every metric within one optimizer step."""
 
@@ -29,14 +43,7 @@ class StepStats:
     def add(self, output: MPOLossOutput, policy: SequenceLogps, num_tokens: int, num_pairs: int) -> None:
         values = {"loss": output.loss.detach()}
         values.update({f"loss/{name}": value.detach() for name, value in output.terms.items()})
-        if output.chosen_rewards is not None:
-            chosen, rejected = output.chosen_rewards.detach(), output.rejected_rewards.detach()
-            values["rewards/chosen"] = chosen.mean()
-            values["rewards/rejected"] = rejected.mean()
-            values["rewards/margins"] = (chosen - rejected).mean()
-            values["rewards/accuracies"] = (chosen > rejected).float().mean()
-        values["logps/chosen"] = policy.chosen_logps.detach().mean()
-        values["logps/rejected"] = policy.rejected_logps.detach().mean()
+        values.update({name: value.mean() for name, value in pair_values(output, policy).items()})
         for name, value in values.items():
             self.sums[name] += float(value)
         self.micro_batches += 1

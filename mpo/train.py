@@ -7,7 +7,8 @@ Launch (one process, DDP or DeepSpeed, CPU or GPU alike)::
 
 How it departs from the official InternVL/TRL MPO trainer:
 1. The reward shift delta is a running mean over optimizer steps (not micro-batches), used one step
-   late, saved in checkpoints, and never moved by evaluation (see :class:`mpo.losses.RewardShift`).
+   late, saved in checkpoints, and never moved by evaluation (see :class:`mpo.losses.RewardShift`
+   and :mod:`mpo.evaluate`).
 2. The SFT term defaults to the paper's per-response normalisation (``loss.sft_reduction``).
 3. The vision tower runs once per pair, and the reference reuses the policy's image features
    when the vision tower and projector are frozen (``forward.dedupe_vision``).
@@ -30,13 +31,17 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectCon
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from mpo.checkpoint import load_checkpoint, save_checkpoint
+from mpo.checkpoint import (
+    RECIPE_FILE, check_zero3_gathers, keep_weights_loadable, load_checkpoint, save_best, save_checkpoint,
+    untouched_rng, write_text_atomic,
+)
 from mpo.collate import build_collator
 from mpo.config import Recipe, load_recipe
 from mpo.console import quiet_libraries, startup_summary
 from mpo.data import PreferenceDataset
 from mpo.errors import DataError, OverlongPair
-from mpo.forward import PreferenceForward
+from mpo.evaluate import evaluate, improves, load_eval_records
+from mpo.forward import ForwardOutput, PreferenceForward
 from mpo.losses import MPOLoss, RewardShift
 from mpo.metrics import MetricsWriter, StepStats
 from mpo.modeling import count_parameters, load_policy, load_processor, load_reference, vision_is_frozen
@@ -45,7 +50,7 @@ from mpo.reference import DisabledAdapterReference, FrozenModelReference
 from mpo.sampling import GlobalBatchOrder
 from mpo.saving import save_final_model
 from mpo.skips import SkipLog
-from mpo.types import EncodedPair
+from mpo.types import EncodedPair, MPOLossOutput, PreferenceBatch
 from mpo.validate import load_checked_records
 
 
@@ -120,14 +125,23 @@ class PairFetcher:
     def resolve(self, items: list[EncodedPair | DataError], indices: list[int]) -> list[EncodedPair]:
         return [self._usable(item, index) for item, index in zip(items, indices)]
 
+    def usable(self, items: list[EncodedPair | DataError]) -> list[EncodedPair]:
+        """The usable pairs of ``items``, the others reported (or raised) and left out."""
+        return [item for item in items if self._accept(item)]
+
+    def _accept(self, item: EncodedPair | DataError) -> bool:
+        if isinstance(item, EncodedPair):
+            self.truncated_count += item.truncated
+            return True
+        if not (self.skip or isinstance(item, OverlongPair)):
+            raise item
+        self._report(item)
+        return False
+
     def _usable(self, item: EncodedPair | DataError, index: int) -> EncodedPair:
         for offset in range(1, len(self.dataset) + 1):
-            if isinstance(item, EncodedPair):
-                self.truncated_count += item.truncated
+            if self._accept(item):
                 return item
-            if not (self.skip or isinstance(item, OverlongPair)):
-                raise item
-            self._report(item)
             item = self.dataset[(index + offset) % len(self.dataset)]
         raise DataError("every pair of the dataset is unusable")
 
@@ -164,11 +178,16 @@ class MPOTrainer:
         set_seed(recipe.seed)
         Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
 
-        skipped: list[DataError] | None = [] if recipe.data.on_bad_sample == "skip" else None
+        if accelerator.is_main_process:
+            write_text_atomic(Path(recipe.output_dir) / RECIPE_FILE, recipe.to_yaml())
+
+        skip = recipe.data.on_bad_sample == "skip"
+        skipped: list[DataError] | None = [] if skip else None
         records = load_checked_records(recipe, accelerator, skipped)
+        train_records, eval_records = load_eval_records(recipe.data, recipe.seed, records, skipped)
         train = recipe.train
         self.order = GlobalBatchOrder(
-            num_records=len(records),
+            num_records=len(train_records),
             micro_batch_size=train.micro_batch_size,
             accumulation_steps=train.gradient_accumulation_steps,
             world_size=accelerator.num_processes,
@@ -184,15 +203,19 @@ class MPOTrainer:
             self.skip_log.add(skipped)
 
         self.processor = load_processor(recipe.model)
-        self.dataset = PreferenceDataset(records, self.processor, recipe.data)
-        self.fetch = PairFetcher(self.dataset, recipe.data.on_bad_sample == "skip", self.skip_log)
+        self.dataset = PreferenceDataset(train_records, self.processor, recipe.data)
+        self.fetch = PairFetcher(self.dataset, skip, self.skip_log)
+        self.eval_dataset = PreferenceDataset(eval_records, self.processor, recipe.data) if eval_records else None
+        self.eval_fetch = PairFetcher(self.eval_dataset, skip, self.skip_log) if eval_records else None
         self.collate = build_collator(recipe.forward, recipe.data, self.processor.tokenizer.pad_token_id)
         self.precomputed = None
         if recipe.reference.precomputed_path:
             from mpo.precompute import PrecomputedReference
 
-            # Checked before any model loads, so a stale file is refused in seconds.
-            self.precomputed = PrecomputedReference.open(recipe.reference.precomputed_path, recipe, self.dataset)
+            # Checked before any model loads, so a stale file is refused in seconds. It covers every
+            # record of the data, held-out ones (data.eval_fraction) included.
+            every_record = PreferenceDataset(records, self.processor, recipe.data)
+            self.precomputed = PrecomputedReference.open(recipe.reference.precomputed_path, recipe, every_record)
 
         self.loss_fn = MPOLoss(
             beta=recipe.loss.beta,
@@ -207,6 +230,7 @@ class MPOTrainer:
             from mpo.distributed import check_supported, configure_deepspeed, text_hidden_size
 
             check_supported(accelerator, recipe.model)
+            check_zero3_gathers(accelerator)
             # No dataloader goes through prepare(): DeepSpeed learns batch, accumulation and
             # clipping here, before ZeRO-3 partitions the weights as they load.
             configure_deepspeed(
@@ -229,12 +253,15 @@ class MPOTrainer:
         )
         self.policy, self.optimizer, self.scheduler = accelerator.prepare(policy, optimizer, scheduler)
         self.reference = self._build_reference()
+        keep_weights_loadable(accelerator)
 
         self.step = 0
+        self.best: dict | None = None  # the step, metric and value of output_dir/best
         if resume is not None:
             state = load_checkpoint(accelerator, resume)
             self.step = state["step"]
             self.reward_shift.load_state_dict(state["reward_shift"])
+            self.best = state.get("best")
             self._print(f"resumed from {resume} at step {self.step}, delta {self.reward_shift.value:.6f}")
         self.metrics = MetricsWriter(accelerator, recipe, self.step)
 
@@ -259,18 +286,34 @@ class MPOTrainer:
         if self.accelerator.is_main_process:
             tqdm.write(message)
 
-    def micro_batch_loader(self) -> DataLoader:
-        """Pairs for the remaining steps, encoded (images decoded and tiled) in ``data.num_workers``
-        background workers so the accelerator does not wait on JPEG decoding."""
-        sampler = MicroBatchIndices(self.order, self.step, self.total_steps, self.accelerator.process_index)
+    def pair_loader(self, dataset: PreferenceDataset, batch_sampler) -> DataLoader:
+        """The micro-batches of ``batch_sampler`` (lists of indices), encoded (images decoded and
+        tiled) in ``data.num_workers`` background workers so the accelerator does not wait on
+        JPEG decoding."""
         workers = self.recipe.data.num_workers
         return DataLoader(
-            self.dataset,
-            batch_sampler=sampler,
+            dataset,
+            batch_sampler=batch_sampler,
             collate_fn=_as_list,
             num_workers=workers,
             prefetch_factor=2 if workers else None,
         )
+
+    def micro_batch_loader(self) -> DataLoader:
+        """Training pairs for the remaining steps."""
+        sampler = MicroBatchIndices(self.order, self.step, self.total_steps, self.accelerator.process_index)
+        return self.pair_loader(self.dataset, sampler)
+
+    def score(self, batch: PreferenceBatch, delta: float) -> tuple[ForwardOutput, MPOLossOutput]:
+        """The policy's forward on ``batch``, the reference's, and the MPO loss with shift ``delta``."""
+        policy_out = self.policy(batch)
+        reference_logps = None
+        if self.reference is not None:
+            # The same autocast as the policy's forward, so that at step 1 (policy ==
+            # reference) every reward is exactly 0 in bf16 too.
+            with self.accelerator.autocast():
+                reference_logps = self.reference(batch, policy_out.image_features)
+        return policy_out, self.loss_fn(policy_out.logps, reference_logps, delta)
 
     def train_step(self, micro_batches) -> dict[str, float]:
         """One optimizer step over this process's micro-batches; returns the reduced metrics.
@@ -287,14 +330,7 @@ class MPOTrainer:
             indices, items = next(micro_batches)
             batch = self.collate(self.fetch.resolve(items, indices)).to(accelerator.device)
             with accelerator.accumulate(self.policy):
-                policy_out = self.policy(batch)
-                reference_logps = None
-                if self.reference is not None:
-                    # The same autocast as the policy's forward, so that at step 1 (policy ==
-                    # reference) every reward is exactly 0 in bf16 too.
-                    with accelerator.autocast():
-                        reference_logps = self.reference(batch, policy_out.image_features)
-                output = self.loss_fn(policy_out.logps, reference_logps, delta)
+                policy_out, output = self.score(batch, delta)
                 accelerator.backward(output.loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(self.policy.parameters(), self.recipe.train.max_grad_norm)
@@ -319,15 +355,31 @@ class MPOTrainer:
             "step": self.step,
             "reward_shift": self.reward_shift.state_dict(),
             "skipped": self.skip_log.refresh(),
+            "best": self.best,
             "recipe": self.recipe.to_dict(),
         }
+
+    def evaluate_if_due(self) -> dict[str, float]:
+        """The ``eval/*`` metrics when this step is an evaluation step (``train.eval_every``, the
+        last step), keeping ``output_dir/best`` up to date; else nothing."""
+        every = self.recipe.train.eval_every
+        if self.eval_dataset is None or not (self.step == self.total_steps or every and self.step % every == 0):
+            return {}
+        results = evaluate(self, self.eval_dataset, self.eval_fetch)
+        self._print(f"step {self.step}: eval/loss {results['eval/loss']:.4f} over {results['eval/pairs']:.0f} held-out pairs")
+        train = self.recipe.train
+        if train.save_best and improves(results[train.save_best], self.best and self.best["value"], train.save_best_mode):
+            self.best = {"step": self.step, "metric": train.save_best, "value": results[train.save_best]}
+            save_best(self.accelerator, self.policy, self.processor, self.recipe, self.best)
+        return results
 
     def train(self) -> None:
         recipe, accelerator = self.recipe, self.accelerator
         self._print(startup_summary(self))
         self.policy.train()
         loader = self.micro_batch_loader()
-        micro_batches = zip(loader.batch_sampler, loader)
+        with untouched_rng(accelerator.device):
+            micro_batches = zip(loader.batch_sampler, iter(loader))
         # `with`: an error mid-run closes the bar first, so its line is not glued to the bar's.
         with tqdm(total=self.total_steps, initial=self.step, desc="mpo", disable=not accelerator.is_main_process,
                   dynamic_ncols=True) as bar:
@@ -339,13 +391,15 @@ class MPOTrainer:
                 metrics["tokens_per_s"] = metrics.pop("tokens") / elapsed
                 metrics["pairs_per_s"] = metrics.pop("pairs") / elapsed
                 metrics["epoch"] = self.step / max(1, self.order.steps_per_epoch)
-                if self.step % recipe.train.log_every == 0 or self.step == self.total_steps:
+                evaluation = self.evaluate_if_due()
+                metrics.update(evaluation)
+                if self.step % recipe.train.log_every == 0 or self.step == self.total_steps or evaluation:
                     self.metrics.log(self.step, metrics)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
                 if recipe.train.save_every and self.step % recipe.train.save_every == 0 and self.step < self.total_steps:
-                    save_checkpoint(accelerator, recipe.output_dir, self.step, self.trainer_state(), recipe.train.keep_last)
-        save_checkpoint(accelerator, recipe.output_dir, self.step, self.trainer_state(), recipe.train.keep_last)
+                    save_checkpoint(accelerator, self.policy, self.processor, recipe, self.step, self.trainer_state())
+        save_checkpoint(accelerator, self.policy, self.processor, recipe, self.step, self.trainer_state())
         final = save_final_model(accelerator, self.policy, self.processor, recipe)
         skipped = self.skip_log.refresh()
         if skipped:

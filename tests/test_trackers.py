@@ -27,7 +27,7 @@ RECIPE = REPO / "recipes" / "tiny_cpu.yaml"
 def tracked_run(tiny_model_dir, tiny_mmpr_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("tracked") / "run"
     overrides = [f"model.name_or_path={tiny_model_dir}", f"data.meta_path={tiny_mmpr_dir / 'meta.json'}", f"output_dir={out}",
-                 "train.max_steps=2", "train.save_every=1", "report_to=[tensorboard, wandb]", "project=mpo-test", "run_name=tiny"]
+                 "train.max_steps=2", "train.save_every=1", "data.eval_fraction=0.2", "train.eval_every=1", "report_to=[tensorboard, wandb]", "project=mpo-test", "run_name=tiny"]
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("DS_ACCELERATOR", None)
     result = subprocess.run([sys.executable, "-m", "mpo", "train", str(RECIPE), *overrides], cwd=REPO, env=env,
@@ -129,15 +129,16 @@ def test_console_is_one_summary_and_no_library_noise(tracked_run, tiny_model_dir
         assert noise not in console, noise
     lines = console.splitlines()
     start = lines.index("MPO run")
-    assert lines[start + 1:start + 10] == [
+    assert lines[start + 1:start + 11] == [
         f"  model         {tiny_model_dir} (168,288 parameters, 168,288 trainable)",
-        "  data          24 pairs from 4 subset(s): shapes_pairs_vqa_correctness_rules 10, multi_pairs_vqa_correctness_rules 6, "
-        "text_prefix_pair_sr0.5_wo_image 5, video_pairs_vqa_correctness_rules 3; 0 skipped",
+        "  data          19 pairs from 4 subset(s): shapes_pairs_vqa_correctness_rules 9, multi_pairs_vqa_correctness_rules 4, "
+        "text_prefix_pair_sr0.5_wo_image 4, video_pairs_vqa_correctness_rules 2; 0 skipped",
+        "  evaluation    5 held-out pairs, every 1 steps and after the last step",
         "  layout        plain, vision once per pair",
         "  reference     a frozen copy of the starting model",
         "  precision     weights float32, mixed precision no",
         "  processes     1 (one process)",
         "  global batch  4 pairs = micro-batch 2 x accumulation 2 x 1 process(es)",
-        "  steps         2 (0.33 epochs; from step 0)",
+        "  steps         2 (0.50 epochs; from step 0); 3 pair(s) per epoch do not fill a global batch and are left out",
         f"  outputs       {out}: checkpoints every 1 steps, final/, metrics.jsonl; trackers: tensorboard, wandb",
     ]
