@@ -22,6 +22,7 @@ from data_pipeline.backends import BackendError
 from data_pipeline.records import ResumeError
 from data_pipeline.sharding import ShardSpec
 from mpo.errors import DataError
+from mpo.prompting import SYSTEM_PROMPT_CHOICES
 
 
 def _json_object(text: str) -> dict:
@@ -62,6 +63,7 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
                    help='v1: "Final answer: .."; v2: "Answer: \\boxed{}"; custom: --template')
     g.add_argument("--template", help="custom CoT template containing {question}")
     g.add_argument("--answer-format", choices=["final_answer", "boxed"], help="what a custom template asks for")
+    g.add_argument("--system-prompt", default="auto", help=SYSTEM_PROMPT_CHOICES + " (written to meta.json for the trainer)")
 
 
 def add_generation_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -70,10 +72,12 @@ def add_generation_args(p: argparse.ArgumentParser, temperature: float) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
     g.add_argument("--max-new-tokens", type=int, default=1024)
-    g.add_argument("--max-tiles", type=int, default=6, help="InternVL max_dynamic_patch (12 for charts/documents)")
+    g.add_argument("--max-tiles", type=int, default=6,
+                   help="InternVL max_dynamic_patch, shared by a prompt's images (12 for charts/documents)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=None,
-                   help="questions per generate call (default 4; openai backend: questions in flight, default 2 x --concurrency)")
+                   help="questions per generate call (default 4; openai backend: questions in flight, "
+                        "default 2 x --concurrency x servers)")
     g.add_argument("--shard", type=_shard, default=ShardSpec(), help="i/N: this worker's share (0-based i)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     b = p.add_argument_group("backend")
@@ -81,16 +85,19 @@ def add_generation_args(p: argparse.ArgumentParser, temperature: float) -> None:
     b.add_argument("--model", help="checkpoint directory (transformers backend)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     b.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float16, ...")
-    b.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    b.add_argument("--base-url", nargs="+", metavar="URL",
+                   help="OpenAI-compatible server(s), e.g. http://node1:8000/v1 http://node2:8000/v1: requests go to the "
+                        "least busy one and are retried on another")
     b.add_argument("--served-model", help="model name on the server (default: the first one it lists)")
     b.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    b.add_argument("--concurrency", type=int, default=8)
+    b.add_argument("--concurrency", type=int, default=8, help="requests in flight per server")
     b.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    b.add_argument("--retries", type=int, default=3)
+    b.add_argument("--retries", type=int, default=3, help="attempts after a failure (connection, timeout, 429, 5xx), each on the next server")
     b.add_argument("--samples-per-request", type=int, default=0,
                    help="split K samples into requests of this many (1 for servers without n); 0: one request")
     b.add_argument("--extra-body", type=_json_object, default={},
-                   help='JSON merged into every request, e.g. \'{"mm_processor_kwargs": {"max_dynamic_patch": 12}}\'')
+                   help='JSON merged into every request, e.g. \'{"repetition_penalty": 1.05}\' (the tile budget is '
+                        'sent as mm_processor_kwargs.max_patches already)')
 
 
 def add_match_args(p: argparse.ArgumentParser) -> None:
@@ -161,13 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_pair_args(p)
     add_ntp_args(p, prefix="ntp-")
 
-    p = sub.add_parser("serve", formatter_class=Defaults, help="OpenAI-compatible chat-completions server over a checkpoint")
+    p = sub.add_parser("serve", formatter_class=Defaults,
+                       help="OpenAI-compatible test server over a checkpoint (one generation at a time; use vLLM for throughput)")
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on start)")
     p.add_argument("--served-model-name", help="name in /v1/models (default: the directory name)")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="default max_tokens")
-    p.add_argument("--max-tiles", type=int, default=6, help="default max_dynamic_patch")
+    p.add_argument("--max-tiles", type=int, default=6, help="tile budget of a request without mm_processor_kwargs.max_patches")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--verbose", action="store_true", help="log each request")

@@ -1,7 +1,9 @@
 """The MMPR layout the trainer reads: ``annotations/<subset>.jsonl`` and ``meta.json``.
 
 ``meta.json`` maps each subset name to ``{"root": image dir, "annotation": jsonl path,
-"repeat_time": 1.0, "length": lines}`` (paths absolute, so the trainer can run from anywhere).
+"repeat_time": 1.0, "length": lines, "system_prompt": text | null}`` (paths absolute, so the
+trainer can run from anywhere; ``system_prompt`` is the system message the responses were sampled
+with, which the trainer then renders its prompts with).
 Several builds may write into one output directory (one per input file, or per shard finisher):
 each updates only its own entries, under a lock, and every file is replaced atomically.
 """
@@ -54,17 +56,22 @@ def update_meta(out_dir: str | os.PathLike, entries: dict[str, dict | None]) -> 
     return meta
 
 
-def meta_entry(image_root: str | os.PathLike, annotation: Path, length: int) -> dict:
-    return {"root": os.path.abspath(image_root), "annotation": os.path.abspath(annotation), "repeat_time": 1.0, "length": length}
+def meta_entry(image_root: str | os.PathLike, annotation: Path, length: int, system_prompt: str | None) -> dict:
+    return {"root": os.path.abspath(image_root), "annotation": os.path.abspath(annotation), "repeat_time": 1.0, "length": length,
+            "system_prompt": system_prompt}
 
 
-def write_mmpr(out_dir: str | os.PathLike, image_root: str | os.PathLike, subsets: dict[str, Sequence[Pair]]) -> dict[str, dict]:
-    """Writes every subset and its meta entry; returns ``{name: {"pairs", "duplicates", "path"}}``."""
+def write_mmpr(out_dir: str | os.PathLike, image_root: str | os.PathLike, subsets: dict[str, Sequence[Pair]],
+               system_prompts: dict[str, str | None]) -> dict[str, dict]:
+    """Writes every subset and its meta entry; returns ``{name: {"pairs", "duplicates", "path"}}``.
+
+    ``system_prompts`` maps each subset name to the system message its responses were sampled with.
+    """
     entries: dict[str, dict | None] = {}
     report = {}
     for name, pairs in subsets.items():
         path, count, dropped = write_subset(out_dir, name, pairs)
-        entries[name] = meta_entry(image_root, path, count) if path else None
+        entries[name] = meta_entry(image_root, path, count, system_prompts[name]) if path else None
         report[name] = {"pairs": count, "duplicates": dropped, "path": str(path) if path else None}
     update_meta(out_dir, entries)
     return report

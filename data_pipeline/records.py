@@ -72,6 +72,7 @@ class SampleRecord:
     answer_format: str
     responses: list[str]
     finish_reasons: list[str]
+    system_prompt: str | None = None  # the system message sampled with (None: none; logs from before it was recorded)
     modes: list[str] = field(default_factory=list)  # set by the match stage
     judgements: list[ResponseJudgement] = field(default_factory=list)  # one per response, match stage
 

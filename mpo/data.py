@@ -5,7 +5,9 @@ counts, image paths inside their root, files present), so a bad dataset fails be
 step, not hours in. Images are decoded, tiled and tokenized lazily in ``__getitem__``.
 
 ``meta.json`` maps a subset name to ``{"root", "annotation", "repeat_time", "length",
-"max_dynamic_patch"?}``; relative paths are resolved against the directory of ``meta.json``.
+"max_dynamic_patch"?, "system_prompt"?}``; relative paths are resolved against the directory of
+``meta.json``. ``system_prompt`` (written by ``mpo-data``) is the system message the subset's
+responses were sampled with, ``null`` for none; a subset without it gets ``auto``.
 ``repeat_time`` < 1 keeps that fraction of the lines (a seeded sample), >= 1 repeats every line
 ``int(repeat_time)`` times.
 """
@@ -20,7 +22,8 @@ from pathlib import Path
 
 from mpo.config import DataConfig
 from mpo.errors import DataError, OverlongPair
-from mpo.inputs import IMAGE_PLACEHOLDER, encode_prompt, load_image, load_video_frames, normalize_question
+from mpo.inputs import load_image, load_video_frames
+from mpo.prompting import IMAGE_PLACEHOLDER, encode_prompt, normalize_question, resolve_system_prompt
 from mpo.types import EncodedPair, PreferenceRecord
 
 
@@ -31,6 +34,7 @@ class SubsetSpec:
     annotation: Path
     repeat_time: float = 1.0
     max_dynamic_patch: int | None = None
+    system_prompt: str | None = None
 
 
 def read_meta(meta_path: str | Path) -> list[SubsetSpec]:
@@ -53,6 +57,9 @@ def read_meta(meta_path: str | Path) -> list[SubsetSpec]:
         repeat = spec.get("repeat_time", 1.0)
         if not isinstance(repeat, (int, float)) or repeat <= 0:
             raise DataError(f"must be a positive number, got {repeat!r}", file=str(meta_path), field=f"{name}.repeat_time")
+        system_prompt = spec.get("system_prompt", resolve_system_prompt("auto"))
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise DataError("must be a string or null", file=str(meta_path), field=f"{name}.system_prompt")
         subsets.append(
             SubsetSpec(
                 name=name,
@@ -60,6 +67,7 @@ def read_meta(meta_path: str | Path) -> list[SubsetSpec]:
                 annotation=(meta_path.parent / spec["annotation"]).resolve(),
                 repeat_time=float(repeat),
                 max_dynamic_patch=spec.get("max_dynamic_patch"),
+                system_prompt=system_prompt,
             )
         )
     return subsets
@@ -77,7 +85,9 @@ def _inside(root: Path, relative: str, source: str, line: int, field: str) -> st
     return str(path)
 
 
-def parse_record(raw: str, root: Path, source: str, line: int, max_dynamic_patch: int) -> PreferenceRecord:
+def parse_record(
+    raw: str, root: Path, source: str, line: int, max_dynamic_patch: int, system_prompt: str | None = None
+) -> PreferenceRecord:
     """Validates one JSONL line; raises :class:`DataError` naming file, line and field."""
     try:
         item = json.loads(raw)
@@ -106,11 +116,12 @@ def parse_record(raw: str, root: Path, source: str, line: int, max_dynamic_patch
         video=video,
         source=f"{source}:{line}",
         max_dynamic_patch=max_dynamic_patch,
+        system_prompt=system_prompt,
     )
 
 
 def read_annotation(
-    path: Path, root: Path, max_dynamic_patch: int, skipped: list[DataError] | None
+    path: Path, root: Path, max_dynamic_patch: int, skipped: list[DataError] | None, system_prompt: str | None = None
 ) -> list[PreferenceRecord]:
     """Reads every record of one JSONL; with ``skipped`` given, bad lines go there instead of raising."""
     records = []
@@ -123,7 +134,7 @@ def read_annotation(
             if not raw.strip():
                 continue
             try:
-                records.append(parse_record(raw, root, str(path), number, max_dynamic_patch))
+                records.append(parse_record(raw, root, str(path), number, max_dynamic_patch, system_prompt))
             except DataError as error:
                 if skipped is None:
                     raise
@@ -131,15 +142,30 @@ def read_annotation(
     return records
 
 
-def load_records(config: DataConfig, seed: int, skipped: list[DataError] | None = None) -> list[PreferenceRecord]:
-    """All training records of a recipe, ``repeat_time`` applied, in file order."""
+def load_records(
+    config: DataConfig, seed: int, skipped: list[DataError] | None = None, notes: list[str] | None = None
+) -> list[PreferenceRecord]:
+    """All training records of a recipe, ``repeat_time`` applied, in file order.
+
+    Args:
+        notes: collects a line for each subset whose recorded system message ``data.system_prompt``
+            overrides, for the caller to report.
+    """
+    override = resolve_system_prompt(config.system_prompt) if config.system_prompt else None
     if config.jsonl_path:
         root = Path(config.image_root or Path(config.jsonl_path).parent).resolve()
-        return read_annotation(Path(config.jsonl_path), root, config.max_dynamic_patch, skipped)
+        system_prompt = resolve_system_prompt(config.system_prompt or "auto")
+        return read_annotation(Path(config.jsonl_path), root, config.max_dynamic_patch, skipped, system_prompt)
     records = []
     for subset in read_meta(config.meta_path):
         tiles = subset.max_dynamic_patch or config.max_dynamic_patch
-        lines = read_annotation(subset.annotation, subset.root, tiles, skipped)
+        system_prompt = subset.system_prompt
+        if config.system_prompt and override != system_prompt:
+            if notes is not None:
+                notes.append(f"data.system_prompt overrides the system message meta.json records for subset {subset.name} "
+                             f"({system_prompt!r} -> {override!r})")
+            system_prompt = override
+        lines = read_annotation(subset.annotation, subset.root, tiles, skipped, system_prompt)
         if subset.repeat_time < 1:
             # A seeded fraction, keeping file order so the sample does not depend on list order.
             keep = sorted(random.Random(f"{seed}:{subset.name}").sample(range(len(lines)), int(len(lines) * subset.repeat_time)))
@@ -180,7 +206,7 @@ class PreferenceDataset:
     def encode(self, record: PreferenceRecord) -> EncodedPair:
         images = [load_image(p) for p in record.images]
         video = load_video_frames(record.video, self.config.video_frames) if record.video else None
-        prompt = encode_prompt(self.processor, record.question, images, record.max_dynamic_patch, video=video)
+        prompt = encode_prompt(self.processor, record.question, images, record.max_dynamic_patch, record.system_prompt, video=video)
         prompt_ids = prompt["input_ids"][0].tolist()
         tokenizer = self.processor.tokenizer
         chosen_ids = tokenizer(record.chosen, add_special_tokens=False)["input_ids"] + [self.end_of_turn]

@@ -126,6 +126,7 @@ class Fingerprint:
             "max_length": data.max_length,
             "overlong": data.overlong,
             "video_frames": data.video_frames,
+            "system_prompt": data.system_prompt,
         }
         return cls(dataset=dataset, model=model, settings=settings)
 

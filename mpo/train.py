@@ -158,9 +158,12 @@ class MPOTrainer:
 
         self.processor = load_processor(recipe.model)
         skipped: list[DataError] | None = [] if recipe.data.on_bad_sample == "skip" else None
-        records = load_records(recipe.data, recipe.seed, skipped)
+        notes: list[str] = []
+        records = load_records(recipe.data, recipe.seed, skipped, notes)
         if skipped and accelerator.is_main_process:
             append_skipped(recipe.output_dir, skipped)
+        for note in notes:
+            self._print(note)
         self.dataset = PreferenceDataset(records, self.processor, recipe.data)
         self.fetch = PairFetcher(self.dataset, recipe.data.on_bad_sample == "skip", recipe.output_dir)
         self.fetch.skipped_count = len(skipped or [])
