@@ -47,6 +47,9 @@ class LazyBackend:
 
     def close(self) -> None:
         if self._backend is not None:
+            if self.args.backend == "openai" and len(self._backend.endpoints) > 1:
+                spread = ", ".join(f"{url}: {count}" for url, count in zip(self._backend.endpoints, self._backend.answered))
+                _log(f"requests answered per server: {spread}")
             self._backend.close()
 
 

@@ -114,6 +114,7 @@ class OpenAIBackend:
         self.concurrency = max(1, concurrency) * len(self.endpoints)
         self.pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="mpo-openai")
         self.in_flight = [0] * len(self.endpoints)
+        self.answered = [0] * len(self.endpoints)  # successful calls per endpoint, for the run's report
         self.turn = itertools.count()
         self.lock = threading.Lock()
         self.model = model or self._served_model(self.endpoints[0])
@@ -148,7 +149,10 @@ class OpenAIBackend:
             index = endpoint if endpoint is not None else self._pick(failed)
             url = self.endpoints[index] + path
             try:
-                return self._request(self.endpoints[index], method, path, data)
+                reply = self._request(self.endpoints[index], method, path, data)
+                with self.lock:
+                    self.answered[index] += 1
+                return reply
             except urllib.error.HTTPError as error:
                 detail = error.read().decode("utf-8", "replace")[:500]
                 if error.code != 429 and error.code < 500:
