@@ -26,31 +26,14 @@ from data_pipeline.openai_client import OpenAIBackend
 from data_pipeline.records import SampleRecord
 from data_pipeline.server import ChatServer
 from mpo.config import DataConfig
-from mpo.data import PreferenceDataset, load_records, read_annotation
+from mpo.data import PreferenceDataset, load_records
 from mpo.prompting import INTERNVL_SYSTEM_MESSAGE, resolve_system_prompt, user_parts
-
-SYSTEM = INTERNVL_SYSTEM_MESSAGE
-C = "<IMG_CONTEXT>" * 16  # one 64-px tile of the tiny model: 16 image tokens
-HEAD = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n"
-TAIL = "<|im_end|>\n<|im_start|>assistant\n"
+from prompt_cases import HEAD, KINDS, PREFIX, SYSTEM, TAIL, expected_ids, image_run, trainer_ids, write_images
 
 
-def image_run(tiles: int) -> str:
-    return "<img>" + C * tiles + "</img>"
-
-
-# kind: (MMPR question, images, max_tiles, the prompt text the template must give, image tokens expanded)
-KINDS = {
-    "text": ("What is 2+2?", [], 6, HEAD + "What is 2+2?" + TAIL),
-    # 512x384 at 6 tiles: a 3x2 grid plus the thumbnail.
-    "one_image": ("<image>\nHow many shapes?", ["wide.png"], 6, HEAD + image_run(7) + "\nHow many shapes?" + TAIL),
-    # 12 tiles shared by two images: 6 each, so 3x2 + thumbnail for the wide one, 1 for the square one.
-    "two_images": ("Image-1: <image>\nImage-2: <image>\nCompare them.", ["wide.png", "square.png"], 12,
-                   HEAD + f"Image-1: {image_run(7)}\nImage-2: {image_run(1)}\nCompare them." + TAIL),
-    # Mid-text: the template's newline after the image part stays (see mpo.prompting).
-    "mid_text": ("How <image> many?", ["square.png"], 6, HEAD + f"How {image_run(1)}\n many?" + TAIL),
-}
-PREFIX = "The image shows"
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_images(tmp_path_factory.mktemp("prompting_images"))
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +41,6 @@ def processor(tiny_model_dir: Path):
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("prompting_images")
-    Image.new("RGB", (512, 384), (200, 40, 40)).save(root / "wide.png")
-    Image.new("RGB", (64, 64), (20, 140, 40)).save(root / "square.png")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -84,18 +59,6 @@ def served(backend: TransformersBackend) -> Iterator[str]:
     server.shutdown()
     server.server_close()
     thread.join(timeout=30)
-
-
-def expected_ids(processor, text: str) -> list[int]:
-    return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def trainer_ids(processor, root: Path, question: str, image_files: list[str], max_tiles: int) -> list[int]:
-    annotation = root / "one.jsonl"
-    line = {"question": question, "chosen": "a", "rejected": "b", **({"image": image_files} if image_files else {})}
-    annotation.write_text(json.dumps(line) + "\n")
-    records = read_annotation(annotation, root, max_tiles, None, resolve_system_prompt("auto"))
-    return PreferenceDataset(records, processor, DataConfig(jsonl_path=str(annotation))).encode(records[0]).prompt_ids
 
 
 def served_ids(url: str, body: dict) -> list[int]:
