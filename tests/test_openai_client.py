@@ -6,7 +6,6 @@ spreads requests over them, and when one goes away mid-run its requests are retr
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 from data_pipeline.backends import BackendError, GenerationRequest, SamplingParams, TransformersBackend
 from data_pipeline.openai_client import OpenAIBackend
 from data_pipeline.server import ChatServer
+from loopback import serving
 
 # Greedy: the two servers share this process's torch RNG, so seeded sampling would race between them.
 PARAMS = SamplingParams(temperature=0.0, max_new_tokens=3)
@@ -27,29 +27,19 @@ def backend(tiny_model_dir: Path) -> TransformersBackend:
 
 
 @pytest.fixture
-def servers(backend: TransformersBackend) -> Iterator[list[ChatServer]]:
+def servers(backend: TransformersBackend) -> Iterator[tuple[list[ChatServer], list[str]]]:
     started = [ChatServer(backend, "tiny", "127.0.0.1", 0, max_tokens=3) for _ in range(2)]
-    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in started]
-    for thread in threads:
-        thread.start()
-    yield started
-    for server, thread in zip(started, threads):
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=30)
+    with serving(started[0]) as first, serving(started[1]) as second:
+        yield started, [first, second]
 
 
-def url(server: ChatServer) -> str:
-    host, port = server.server_address[:2]
-    return f"http://{host}:{port}"
-
-
-def test_requests_spread_over_servers_and_move_on_when_one_goes(servers, backend):
-    alone = OpenAIBackend(url(servers[0]), timeout=60, retries=0)
+def test_requests_spread_over_servers_and_move_on_when_one_goes(servers):
+    servers, urls = servers
+    alone = OpenAIBackend(urls[0], timeout=60, retries=0)
     reference = [g.texts for g in alone.generate(REQUESTS, PARAMS)]
     alone.close()
 
-    client = OpenAIBackend([url(s) for s in servers], model="tiny", concurrency=1, timeout=60, retries=1)
+    client = OpenAIBackend(urls, model="tiny", concurrency=1, timeout=60, retries=1)
     assert client.answered == [1, 1]  # each server was asked whether it serves "tiny"
     assert [g.texts for g in client.generate(REQUESTS, PARAMS)] == reference  # whichever server answered
     assert sum(client.answered) == 2 + len(REQUESTS) and min(client.answered) >= 2  # both served chat requests
@@ -63,13 +53,6 @@ def test_requests_spread_over_servers_and_move_on_when_one_goes(servers, backend
 
 
 def test_a_server_serving_another_model_is_refused(servers, backend):
-    other = ChatServer(backend, "other", "127.0.0.1", 0)
-    thread = threading.Thread(target=other.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(ChatServer(backend, "other", "127.0.0.1", 0)) as other:
         with pytest.raises(BackendError, match=r"does not serve 'tiny' \(it lists \['other'\]\)"):
-            OpenAIBackend([url(servers[0]), url(other)], timeout=60, retries=0)
-    finally:
-        other.shutdown()
-        other.server_close()
-        thread.join(timeout=30)
+            OpenAIBackend([servers[1][0], other], timeout=60, retries=0)

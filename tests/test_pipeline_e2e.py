@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +36,7 @@ from data_pipeline.openai_client import OpenAIBackend
 from data_pipeline.prompts import build_cot_prompt, get_template
 from data_pipeline.records import SampleRecord, read_log
 from data_pipeline.server import ChatServer
+from loopback import free_port, serving
 from mpo.prompting import INTERNVL_SYSTEM_MESSAGE, encode_prompt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -323,14 +323,8 @@ def test_killed_sample_run_resumes_to_the_same_records(workspace: Path, tmp_path
 @pytest.fixture(scope="module")
 def server(workspace: Path) -> Iterator[str]:
     """``mpo-data serve``'s server on an ephemeral loopback port, in a thread of this process."""
-    chat_server = ChatServer(TransformersBackend(workspace / "model"), "tiny", "127.0.0.1", 0, max_tokens=16, max_tiles=2)
-    thread = threading.Thread(target=chat_server.serve_forever, daemon=True)
-    thread.start()
-    host, port = chat_server.server_address[:2]
-    yield f"http://{host}:{port}/v1"
-    chat_server.shutdown()
-    chat_server.server_close()
-    thread.join(timeout=30)
+    with serving(ChatServer(TransformersBackend(workspace / "model"), "tiny", "127.0.0.1", 0, max_tokens=16, max_tiles=2)) as url:
+        yield url
 
 
 def test_openai_backend_matches_local_generation(workspace: Path, tmp_path: Path, server: str) -> None:
@@ -363,12 +357,7 @@ def test_openai_backend_matches_local_generation(workspace: Path, tmp_path: Path
 
 
 def test_openai_backend_gives_up_after_retries(tmp_path: Path) -> None:
-    import socket
-
-    with socket.socket() as probe:  # a loopback port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    client = OpenAIBackend(f"http://127.0.0.1:{port}", model="m", timeout=2, retries=1)
+    client = OpenAIBackend(f"http://127.0.0.1:{free_port()}", model="m", timeout=2, retries=1)
     with pytest.raises(BackendError, match="gave up after 2 attempts"):
         client.generate([GenerationRequest(question="hi")], SamplingParams(max_new_tokens=2))
     client.close()

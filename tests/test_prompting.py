@@ -12,7 +12,6 @@ bodies against a real vLLM server).
 from __future__ import annotations
 
 import json
-import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from data_pipeline.server import ChatServer
 from mpo.config import DataConfig
 from mpo.data import PreferenceDataset, load_records
 from mpo.prompting import INTERNVL_SYSTEM_MESSAGE, resolve_system_prompt, user_parts
+from loopback import serving
 from prompt_cases import HEAD, KINDS, PREFIX, SYSTEM, TAIL, expected_ids, image_run, trainer_ids, write_images
 
 
@@ -51,14 +51,8 @@ def backend(tiny_model_dir: Path) -> TransformersBackend:
 @pytest.fixture(scope="module")
 def served(backend: TransformersBackend) -> Iterator[str]:
     """``mpo-data serve``'s server on an ephemeral loopback port, in a thread of this process."""
-    server = ChatServer(backend, "tiny", "127.0.0.1", 0, max_tokens=4, max_tiles=6)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    host, port = server.server_address[:2]
-    yield f"http://{host}:{port}/v1"
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=30)
+    with serving(ChatServer(backend, "tiny", "127.0.0.1", 0, max_tokens=4, max_tiles=6)) as url:
+        yield url
 
 
 def served_ids(url: str, body: dict) -> list[int]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -37,6 +36,7 @@ from data_pipeline.dropout_ntp import continuation_request
 from data_pipeline.openai_client import OpenAIBackend
 from data_pipeline.records import SampleRecord, read_log
 from mpo.prompting import encode_prompt
+from loopback import free_port
 from prompt_cases import HEAD, KINDS, PREFIX, SYSTEM, TAIL, expected_ids, trainer_ids, write_images
 
 pytestmark = pytest.mark.slow
@@ -51,12 +51,6 @@ def unavailable(reason: str) -> None:
     if REQUIRED:
         pytest.fail(f"{reason} (MPO_REQUIRE_VLLM=1)")
     pytest.skip(f"{reason}; build it with scripts/setup_vllm.sh (make vllm-venv) or point MPO_VLLM_VENV at one")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextmanager
