@@ -78,7 +78,7 @@ def template_ids(processor, body: dict, images: list[Image.Image]) -> list[int]:
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_every_path_gives_the_same_token_ids(kind, processor, images, backend, served, tmp_path):
+def test_every_path_gives_the_same_token_ids(kind, processor, images, backend, served):
     question, files, max_tiles, rendered = KINDS[kind]
     want = expected_ids(processor, rendered)
     pictures = tuple(Image.open(images / f).convert("RGB") for f in files)
