@@ -30,6 +30,7 @@ from data_pipeline.sharding import ShardSpec
 from mpo.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED
 from mpo.config import MAX_IMAGE_PIXELS
 from mpo.errors import DataError
+from mpo.prompting import SYSTEM_PROMPT_CHOICES
 
 
 def _json_object(text: str) -> dict:
@@ -73,6 +74,7 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--template", help="custom CoT template containing {question} (default: none; needed by --prompt custom)")
     g.add_argument("--answer-format", choices=["final_answer", "boxed"],
                    help="what a custom template asks for (default: none; needed by --prompt custom)")
+    g.add_argument("--system-prompt", default="auto", help=SYSTEM_PROMPT_CHOICES + " (written to meta.json for the trainer)")
 
 
 def add_generation_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -81,10 +83,12 @@ def add_generation_args(p: argparse.ArgumentParser, temperature: float) -> None:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     g.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
     g.add_argument("--max-new-tokens", type=int, default=1024, help="longest response, in tokens")
-    g.add_argument("--max-tiles", type=int, default=6, help="InternVL max_dynamic_patch (12 for charts/documents)")
+    g.add_argument("--max-tiles", type=int, default=6,
+                   help="InternVL max_dynamic_patch, shared by a prompt's images (12 for charts/documents)")
     g.add_argument("--seed", type=int, default=0, help="seeds the sampling")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="questions per generate call; openai backend: questions in flight (default: 4; openai: 2 x --concurrency)")
+                   help="questions per generate call; openai backend: questions in flight "
+                        "(default: 4; openai: 2 x --concurrency x servers)")
     g.add_argument("--shard", type=_shard, default="0/1", help="i/N: this worker's share (0-based i)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     b = p.add_argument_group("backend")
@@ -93,16 +97,19 @@ def add_generation_args(p: argparse.ArgumentParser, temperature: float) -> None:
     b.add_argument("--model", help="checkpoint directory (default: none; needed by --backend transformers)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     b.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float16, ...")
-    b.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (default: none; needed by --backend openai)")
+    b.add_argument("--base-url", nargs="+", metavar="URL",
+                   help="OpenAI-compatible server(s), e.g. http://node1:8000/v1 http://node2:8000/v1: requests go to the "
+                        "least busy one and are retried on another (default: none; needed by --backend openai)")
     b.add_argument("--served-model", help="model name on the server (default: the first one it lists)")
     b.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    b.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    b.add_argument("--concurrency", type=int, default=8, help="requests in flight per server")
     b.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    b.add_argument("--retries", type=int, default=3, help="retries of a failed request")
+    b.add_argument("--retries", type=int, default=3, help="attempts after a failure (connection, timeout, 429, 5xx), each on the next server")
     b.add_argument("--samples-per-request", type=int, default=0,
                    help="split K samples into requests of this many (1 for servers without n); 0: one request")
     b.add_argument("--extra-body", type=_json_object, default={},
-                   help='JSON merged into every request, e.g. \'{"mm_processor_kwargs": {"max_dynamic_patch": 12}}\'')
+                   help='JSON merged into every request, e.g. \'{"repetition_penalty": 1.05}\' (the tile budget is '
+                        'sent as mm_processor_kwargs.max_patches already)')
 
 
 def add_match_args(p: argparse.ArgumentParser) -> None:
@@ -182,13 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_pair_args(p)
     add_ntp_args(p)
 
-    p = sub.add_parser("serve", formatter_class=Defaults, help="OpenAI-compatible chat-completions server over a checkpoint")
+    p = sub.add_parser("serve", formatter_class=Defaults,
+                       help="OpenAI-compatible test server over a checkpoint (one generation at a time; use vLLM for throughput)")
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on start)")
     p.add_argument("--served-model-name", help="name in /v1/models (default: the directory name)")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="default max_tokens")
-    p.add_argument("--max-tiles", type=int, default=6, help="default max_dynamic_patch")
+    p.add_argument("--max-tiles", type=int, default=6, help="tile budget of a request without mm_processor_kwargs.max_patches")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float16, ...")
     p.add_argument("--verbose", action="store_true", help="log each request")

@@ -126,6 +126,15 @@ def tile_budget(matched: list[SampleRecord], fallback: int | None) -> int:
     return fallback
 
 
+def sampled_system_prompt(records: list[SampleRecord], dataset: str) -> str | None:
+    """The one system message a dataset's responses were sampled with; mixed logs are refused."""
+    found = {r.system_prompt for r in records if r.dataset == dataset}
+    if len(found) > 1:
+        raise DataError(f"the sample logs of dataset {dataset!r} were sampled with {len(found)} different system messages "
+                        f"({', '.join(sorted(repr(f) for f in found))}); pair logs sampled with one --system-prompt")
+    return found.pop()
+
+
 def assemble(matched: list[SampleRecord], ntp_records: list[dict], match_stats: dict[str, MatchStats], out_dir: Path,
              image_root: Path, resample_path: Path, pair_settings: PairSettings, ntp_ratio: float,
              max_tiles: int | None) -> Summary:
@@ -142,18 +151,21 @@ def assemble(matched: list[SampleRecord], ntp_records: list[dict], match_stats: 
         raise DataError(f"Dropout-NTP log holds ids that no sample record has (e.g. {unknown[0]!r}); wrong --samples/--ntp pairing?")
     ntp, identical = ntp_pairs(by_id, ntp_records)
     subsets: dict[str, list] = {}
+    system_prompts: dict[str, str | None] = {}
     ntp_suffix = subset_suffix(ntp_ratio)
     for dataset in match_stats:
         # Every dataset's subsets are named, empty or not, so a stale file from a run with
         # other settings is removed instead of lingering in meta.json.
-        subsets[dataset + CORRECTNESS_SUFFIX] = []
-        subsets[dataset + FORMAT_SUFFIX] = []
+        names = [dataset + CORRECTNESS_SUFFIX, dataset + FORMAT_SUFFIX]
         if any(r.dataset == dataset and needs_ntp(r) for r in matched):
-            subsets[dataset + ntp_suffix] = []
+            names.append(dataset + ntp_suffix)
+        system_prompt = sampled_system_prompt(matched, dataset)
+        for name in names:
+            subsets[name], system_prompts[name] = [], system_prompt
     for suffix, pairs in ((CORRECTNESS_SUFFIX, answer_pairs.correctness), (FORMAT_SUFFIX, answer_pairs.format), (ntp_suffix, ntp)):
         for name, group in group_by_dataset(pairs, suffix).items():
             subsets[name] = group
-    report = write_mmpr(out_dir, image_root, subsets, budget)
+    report = write_mmpr(out_dir, image_root, subsets, budget, system_prompts)
     write_jsonl_atomic(resample_path, answer_pairs.resample)
     summary = Summary(
         questions=sum(m.questions for m in match_stats.values()),

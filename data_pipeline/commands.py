@@ -16,6 +16,7 @@ from data_pipeline.prompts import get_template
 from data_pipeline.records import SampleRecord, iter_jsonl, read_log, read_questions, split_skipped, write_jsonl_atomic
 from data_pipeline.sample import SampleSettings, sample_questions
 from mpo.errors import DataError
+from mpo.prompting import resolve_system_prompt
 
 
 class LazyBackend:
@@ -37,7 +38,7 @@ class LazyBackend:
     def describe(self) -> dict:
         if self.args.backend == "transformers":
             return {"backend": "transformers", "model": model_identity(self.args.model)}
-        return {"backend": "openai", "model": self.args.served_model or self.args.base_url,
+        return {"backend": "openai", "model": self.args.served_model or sorted(self.args.base_url),
                 "extra_body": self.args.extra_body, "samples_per_request": self.args.samples_per_request}
 
     def generate(self, requests, params):
@@ -47,11 +48,15 @@ class LazyBackend:
 
     def close(self) -> None:
         if self._backend is not None:
+            if self.args.backend == "openai" and len(self._backend.endpoints) > 1:
+                spread = ", ".join(f"{url}: {count}" for url, count in zip(self._backend.endpoints, self._backend.answered))
+                _log(f"requests answered per server: {spread}")
             self._backend.close()
 
 
 def make_backend(args: argparse.Namespace):
-    from data_pipeline.backends import OpenAIBackend, TransformersBackend
+    from data_pipeline.backends import TransformersBackend
+    from data_pipeline.openai_client import OpenAIBackend
 
     if args.backend == "transformers":
         return TransformersBackend(args.model, device=args.device, dtype=args.dtype)
@@ -68,7 +73,7 @@ def _batch_size(args: argparse.Namespace) -> int:
     if args.batch_size is not None:
         return args.batch_size
     # A local model batches what it is given; a server batches across requests, so keep it busy.
-    return 4 if args.backend == "transformers" else 2 * max(1, args.concurrency)
+    return 4 if args.backend == "transformers" else 2 * max(1, args.concurrency) * len(args.base_url)
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -81,7 +86,8 @@ def _sample_settings(args: argparse.Namespace) -> SampleSettings:
     if args.num_samples < 1:
         raise ValueError("--num-samples must be at least 1")
     template = get_template(args.prompt, args.template, args.answer_format)
-    return SampleSettings(template, args.num_samples, _sampling(args), args.seed, _batch_size(args))
+    return SampleSettings(template, args.num_samples, _sampling(args), args.seed, _batch_size(args),
+                          resolve_system_prompt(args.system_prompt))
 
 
 def _ntp_settings(args: argparse.Namespace) -> NTPSettings:
@@ -126,6 +132,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         backend.close()
     _log(f"sample: {stats.items} questions in shard {args.shard.tag}: {stats.already_done} were done, "
          f"{stats.written} written now; {len(bad_lines) + len(bad)} bad inputs skipped -> {args.out}")
+    if stats.samples:
+        _log(f"sample: {stats.samples} samples in {stats.generation_seconds:.1f} s of generation: "
+             f"{stats.samples / stats.generation_seconds:.2f} samples/s ({args.backend} backend)")
     return 0
 
 
@@ -201,6 +210,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host, port = server.server_address[:2]
     # Tests and scripts read this line to learn the port chosen for --port 0.
     print(f"serving {name} on http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
+    print("mpo-data serve is a test server: it generates one request at a time; sample with vLLM, LMDeploy or SGLang "
+          "for throughput", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -74,6 +74,7 @@ class SampleRecord:
     responses: list[str]
     finish_reasons: list[str]
     max_tiles: int | None = None  # the tile budget the responses were sampled with (absent in old logs)
+    system_prompt: str | None = None  # the system message sampled with (None: none; logs from before it was recorded)
     modes: list[str] = field(default_factory=list)  # set by the match stage
     judgements: list[ResponseJudgement] = field(default_factory=list)  # one per response, match stage
 

@@ -3,9 +3,9 @@
 Each log line (one per question) is a :class:`~data_pipeline.records.SampleRecord`::
 
     {"id", "dataset", "line", "image": [rel paths], "question": original text,
-     "prompt": the CoT user turn with <image> placeholders, "answer": str | [str] | null,
-     "answer_format": "final_answer" | "boxed", "responses": [K texts],
-     "finish_reasons": [K], "max_tiles": the tile budget, "config": settings hash}
+     "prompt": the CoT user turn with <image> placeholders, "system_prompt": the system message
+     (null: none), "answer": str | [str] | null, "answer_format": "final_answer" | "boxed",
+     "responses": [K texts], "finish_reasons": [K], "max_tiles": the tile budget, "config": settings hash}
 
 or, for a bad input skipped with ``--skip-bad``, ``{"id", "dataset", "line", "skipped": message}``.
 """
@@ -25,6 +25,7 @@ from data_pipeline.sharding import ShardSpec, derive_seed
 from mpo.config import MAX_IMAGE_PIXELS
 from mpo.errors import DataError
 from mpo.inputs import load_image, open_image, resolve_data_path
+from mpo.prompting import INTERNVL_SYSTEM_MESSAGE
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class SampleSettings:
     params: SamplingParams = SamplingParams()
     seed: int = 0
     batch_size: int = 4  # questions per generate call
+    system_prompt: str | None = INTERNVL_SYSTEM_MESSAGE  # the text (None: no system turn), as --system-prompt resolves it
 
 
 def _located(error: DataError, question: Question, field: str) -> DataError:
@@ -114,6 +116,7 @@ def sample_questions(
             question=prompt,
             images=images,
             image_paths=paths[question_id],
+            system_prompt=settings.system_prompt,
             num_samples=settings.num_samples,
             seed=derive_seed(settings.seed, "sample", question.id),
         )
@@ -129,6 +132,7 @@ def sample_questions(
             image=list(question.images),
             question=question.question,
             prompt=prompt,
+            system_prompt=settings.system_prompt,
             answer=question.answer,
             answer_format=settings.template.answer_format,
             responses=list(generation.texts),

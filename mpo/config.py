@@ -123,6 +123,12 @@ class DataConfig:
     a prompt that alone exceeds ``max_length`` is always dropped."""
     on_bad_sample: Literal["error", "skip"] = "error"
     """Bad records: stop with an error, or skip them into ``output_dir/skipped.jsonl``."""
+    system_prompt: str = ""
+    """The system message: empty (default) takes the one each ``meta.json`` subset records (what
+    ``mpo-data`` sampled its responses with), and ``auto`` for a subset that records none (e.g.
+    MMPR-v1.2) or a ``jsonl_path``; ``auto`` is InternVL2.5/3's default message (the one the
+    checkpoints were trained with), ``none`` no system turn, any other text that message. A value
+    set here overrides ``meta.json``, and each subset it changes is reported."""
     video_frames: int = 8
     """Frames sampled per video (the middles of equal segments), one tile each."""
     num_workers: int = 0

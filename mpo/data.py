@@ -7,11 +7,13 @@ step, not hours in. Decoding is checked by ``mpo validate`` (or ``data.validate`
 training, or lazily: images are decoded, tiled and tokenized in ``__getitem__``.
 
 ``meta.json`` maps a subset name to ``{"root", "annotation", "repeat_time", "length",
-"max_dynamic_patch"?}``. Relative ``root``/``annotation`` paths start from ``data.data_root``
-when it is set; otherwise from the folder of ``meta.json``, or, when the annotation is not there,
-from its parent (the released MMPR-v1.2 writes ``"MMPR-v1.2/annotations/..."``, relative to the
-folder above it). ``repeat_time`` < 1 keeps that fraction of the lines (a seeded sample), >= 1
-repeats every line ``int(repeat_time)`` times.
+"max_dynamic_patch"?, "system_prompt"?}``. Relative ``root``/``annotation`` paths start from
+``data.data_root`` when it is set; otherwise from the folder of ``meta.json``, or, when the
+annotation is not there, from its parent (the released MMPR-v1.2 writes
+``"MMPR-v1.2/annotations/..."``, relative to the folder above it). ``system_prompt`` (written by
+``mpo-data``) is the system message the subset's responses were sampled with, ``null`` for none; a
+subset without it gets ``auto``. ``repeat_time`` < 1 keeps that fraction of the lines (a seeded
+sample), >= 1 repeats every line ``int(repeat_time)`` times.
 """
 
 from __future__ import annotations
@@ -24,16 +26,9 @@ from pathlib import Path
 
 from mpo.config import DataConfig
 from mpo.errors import DataError, OverlongPair
-from mpo.inputs import (
-    IMAGE_PLACEHOLDER,
-    check_data_file,
-    encode_prompt,
-    load_image,
-    load_video_frames,
-    normalize_question,
-    resolve_data_path,
-)
+from mpo.inputs import check_data_file, load_image, load_video_frames, resolve_data_path
 from mpo.jsonl import json_object_lines
+from mpo.prompting import IMAGE_PLACEHOLDER, encode_prompt, normalize_question, resolve_system_prompt
 from mpo.types import EncodedPair, PreferenceRecord
 
 
@@ -44,6 +39,7 @@ class SubsetSpec:
     annotation: Path
     repeat_time: float = 1.0
     max_dynamic_patch: int | None = None
+    system_prompt: str | None = None
 
 
 def _bases(meta_path: Path, data_root: str) -> list[Path]:
@@ -91,10 +87,13 @@ def read_meta(meta_path: str | Path, data_root: str = "") -> list[SubsetSpec]:
         tiles = spec.get("max_dynamic_patch")
         if tiles is not None and (isinstance(tiles, bool) or not isinstance(tiles, int) or tiles < 1):
             raise DataError(f"must be a positive integer, got {tiles!r}", file=source, field=f"{name}.max_dynamic_patch")
+        system_prompt = spec.get("system_prompt", resolve_system_prompt("auto"))
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise DataError("must be a string or null", file=source, field=f"{name}.system_prompt")
         annotation, base = _locate(spec["annotation"], bases, source, f"{name}.annotation")
         # The image root starts where its folder exists, else where the annotation was found.
         root = next((b / spec["root"] for b in bases if (b / spec["root"]).is_dir()), base / spec["root"])
-        subsets.append(SubsetSpec(name, Path(os.path.abspath(root)), annotation, float(repeat), tiles))
+        subsets.append(SubsetSpec(name, Path(os.path.abspath(root)), annotation, float(repeat), tiles, system_prompt))
     return subsets
 
 
@@ -108,7 +107,9 @@ def record_path(root: Path, relative, source: str, line: int, field: str) -> str
     return str(path)
 
 
-def parse_record(item: dict, root: Path, source: str, line: int, max_dynamic_patch: int) -> PreferenceRecord:
+def parse_record(
+    item: dict, root: Path, source: str, line: int, max_dynamic_patch: int, system_prompt: str | None = None
+) -> PreferenceRecord:
     """Validates one parsed JSONL line; raises :class:`DataError` naming file, line and field."""
     for key in ("question", "chosen", "rejected"):
         if not isinstance(item.get(key), str) or (key != "question" and not item[key].strip()):
@@ -133,11 +134,12 @@ def parse_record(item: dict, root: Path, source: str, line: int, max_dynamic_pat
         video=video,
         source=f"{source}:{line}",
         max_dynamic_patch=max_dynamic_patch,
+        system_prompt=system_prompt,
     )
 
 
 def read_annotation(
-    path: Path, root: Path, max_dynamic_patch: int, skipped: list[DataError] | None
+    path: Path, root: Path, max_dynamic_patch: int, skipped: list[DataError] | None, system_prompt: str | None = None
 ) -> list[PreferenceRecord]:
     """Reads every record of one JSONL; with ``skipped`` given, bad lines go there instead of raising.
 
@@ -150,7 +152,7 @@ def read_annotation(
         try:
             if isinstance(item, DataError):
                 raise item
-            records.append(parse_record(item, root, str(path), number, max_dynamic_patch))
+            records.append(parse_record(item, root, str(path), number, max_dynamic_patch, system_prompt))
         except DataError as error:
             if skipped is None:
                 raise
@@ -175,22 +177,36 @@ def _sample(records: list[PreferenceRecord], subset: SubsetSpec, seed: int, meta
     return [records[i] for i in sorted(random.Random(f"{seed}:{subset.name}").sample(range(len(records)), keep))]
 
 
-def load_records(config: DataConfig, seed: int, skipped: list[DataError] | None = None) -> list[PreferenceRecord]:
+def load_records(
+    config: DataConfig, seed: int, skipped: list[DataError] | None = None, notes: list[str] | None = None
+) -> list[PreferenceRecord]:
     """All training records of a recipe, ``repeat_time`` applied, in file order (possibly none,
-    when every line was bad and skipped: :func:`mpo.validate.load_checked_records` refuses that)."""
+    when every line was bad and skipped: :func:`mpo.validate.load_checked_records` refuses that).
+
+    Args:
+        notes: collects a line for each subset whose recorded system message ``data.system_prompt``
+            overrides, for the caller to report.
+    """
     if config.dataset_path:
         from mpo.hf_datasets import read_dataset
 
         return read_dataset(config, skipped)
     if config.jsonl_path:
         root = Path(os.path.abspath(config.image_root or Path(config.jsonl_path).parent))
-        records = read_annotation(Path(os.path.abspath(config.jsonl_path)), root, config.max_dynamic_patch, skipped)
-    else:
-        records = []
-        for subset in read_meta(config.meta_path, config.data_root):
-            tiles = config.max_dynamic_patch if subset.max_dynamic_patch is None else subset.max_dynamic_patch
-            lines = read_annotation(subset.annotation, subset.root, tiles, skipped)
-            records.extend(_sample(lines, subset, seed, str(Path(os.path.abspath(config.meta_path)))))
+        system_prompt = resolve_system_prompt(config.system_prompt or "auto")
+        return read_annotation(Path(os.path.abspath(config.jsonl_path)), root, config.max_dynamic_patch, skipped, system_prompt)
+    override = resolve_system_prompt(config.system_prompt) if config.system_prompt else None
+    records = []
+    for subset in read_meta(config.meta_path, config.data_root):
+        tiles = config.max_dynamic_patch if subset.max_dynamic_patch is None else subset.max_dynamic_patch
+        system_prompt = subset.system_prompt
+        if config.system_prompt and override != system_prompt:
+            if notes is not None:
+                notes.append(f"data.system_prompt overrides the system message meta.json records for subset {subset.name} "
+                             f"({system_prompt!r} -> {override!r})")
+            system_prompt = override
+        lines = read_annotation(subset.annotation, subset.root, tiles, skipped, system_prompt)
+        records.extend(_sample(lines, subset, seed, str(Path(os.path.abspath(config.meta_path)))))
     return records
 
 
@@ -223,7 +239,7 @@ class PreferenceDataset:
         max_pixels = self.config.max_image_pixels
         images = [load_image(p, max_pixels) for p in record.images]
         video = load_video_frames(record.video, self.config.video_frames, max_pixels) if record.video else None
-        prompt = encode_prompt(self.processor, record.question, images, record.max_dynamic_patch, video=video)
+        prompt = encode_prompt(self.processor, record.question, images, record.max_dynamic_patch, record.system_prompt, video=video)
         prompt_ids = prompt["input_ids"][0].tolist()
         tokenizer = self.processor.tokenizer
         chosen_ids = tokenizer(record.chosen, add_special_tokens=False)["input_ids"] + [self.end_of_turn]

@@ -30,7 +30,7 @@ from pathlib import Path
 from mpo.config import DataConfig
 from mpo.data import record_path
 from mpo.errors import DataError
-from mpo.inputs import IMAGE_PLACEHOLDER, normalize_question
+from mpo.prompting import IMAGE_PLACEHOLDER, normalize_question, resolve_system_prompt
 from mpo.modeling import cache_dir
 from mpo.types import PreferenceRecord
 
@@ -127,7 +127,8 @@ def _image_path(image, column: str, root: Path, where: dict) -> str:
     return str(path)
 
 
-def parse_row(row: dict, file: Path, index: int, root: Path, max_dynamic_patch: int) -> PreferenceRecord:
+def parse_row(row: dict, file: Path, index: int, root: Path, max_dynamic_patch: int,
+              system_prompt: str | None) -> PreferenceRecord:
     """Validates one row; raises :class:`DataError` naming the file, row and column."""
     where = {"file": str(file), "line": index}
     missing = [column for column in COLUMNS if column not in row]
@@ -150,18 +151,20 @@ def parse_row(row: dict, file: Path, index: int, root: Path, max_dynamic_patch: 
     except DataError as error:
         raise DataError(error.reason, field="prompt", **where) from None
     return PreferenceRecord(question=question, chosen=chosen, rejected=rejected, images=paths,
-                            source=f"{file}:{index}", max_dynamic_patch=max_dynamic_patch)
+                            source=f"{file}:{index}", max_dynamic_patch=max_dynamic_patch, system_prompt=system_prompt)
 
 
 def read_dataset(config: DataConfig, skipped: list[DataError] | None) -> list[PreferenceRecord]:
     """Every row of ``config.dataset_path``; with ``skipped`` given, bad rows go there instead of raising."""
     path = Path(config.dataset_path)
     root = Path(config.image_root or (path if path.is_dir() else path.parent)).resolve()
+    # A TRL dataset records no system message: data.system_prompt, else the model family's default.
+    system_prompt = resolve_system_prompt(config.system_prompt or "auto")
     records = []
     for file in data_files(path, config.dataset_split):
         for index, row in enumerate(iter_rows(file)):
             try:
-                records.append(parse_row(row, file, index, root, config.max_dynamic_patch))
+                records.append(parse_row(row, file, index, root, config.max_dynamic_patch, system_prompt))
             except DataError as error:
                 if skipped is None:
                     raise

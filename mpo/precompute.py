@@ -165,6 +165,7 @@ class Fingerprint:
             "layout": forward.layout,
             "pack_length": forward.pack_length,
             "attention": forward.attention,
+            "system_prompt": data.system_prompt,
         }
         return cls(dataset=dataset, model=model, settings=settings)
 

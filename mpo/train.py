@@ -183,7 +183,10 @@ class MPOTrainer:
 
         skip = recipe.data.on_bad_sample == "skip"
         skipped: list[DataError] | None = [] if skip else None
-        records = load_checked_records(recipe, accelerator, skipped)
+        notes: list[str] = []
+        records = load_checked_records(recipe, accelerator, skipped, notes)
+        for note in notes:
+            self._print(note)
         train_records, eval_records = load_eval_records(recipe.data, recipe.seed, records, skipped)
         train = recipe.train
         self.order = GlobalBatchOrder(

@@ -88,7 +88,9 @@ def bad_records(records: list[PreferenceRecord], problems: dict[Media, str]) -> 
     return errors
 
 
-def load_checked_records(recipe: Recipe, accelerator, skipped: list[DataError] | None) -> list[PreferenceRecord]:
+def load_checked_records(
+    recipe: Recipe, accelerator, skipped: list[DataError] | None, notes: list[str] | None = None
+) -> list[PreferenceRecord]:
     """The records of a training run: read and checked, and with ``data.validate`` their files'
     headers too (each process a share, the findings gathered, so all processes agree).
 
@@ -96,10 +98,11 @@ def load_checked_records(recipe: Recipe, accelerator, skipped: list[DataError] |
         recipe: the training recipe.
         accelerator: the run's ``Accelerator`` (process index and count).
         skipped: collects bad records in skip mode; ``None`` stops at the first one.
+        notes: collects what :func:`mpo.data.load_records` has to say (system-prompt overrides).
     """
     from accelerate.utils import gather_object
 
-    records = load_records(recipe.data, recipe.seed, skipped)
+    records = load_records(recipe.data, recipe.seed, skipped, notes)
     if recipe.data.validate and records:
         mine = media_of(records)[accelerator.process_index :: accelerator.num_processes]
         workers = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -136,7 +136,7 @@ def test_bad_rows_name_file_row_and_column(tmp_path, change, message):
     root.mkdir()
     (tmp_path / "a.png").rename(root / "a.png")
     with pytest.raises(DataError) as caught:
-        parse_row({**GOOD, **change}, tmp_path / "d.parquet", 7, root, 6)
+        parse_row({**GOOD, **change}, tmp_path / "d.parquet", 7, root, 6, None)
     assert str(caught.value).startswith(f"{tmp_path / 'd.parquet'}:7: {message}")
 
 

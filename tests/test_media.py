@@ -132,7 +132,7 @@ def test_only_plain_files_travel_as_their_own_bytes(tmp_path):
     """The OpenAI backend sends a file's bytes only when any decoder reads them as load_image
     does; an EXIF-rotated or 16-bit file goes as the decoded pixels (PNG), so a server sees what
     the trainer trains on."""
-    from data_pipeline.backends import _image_data_url
+    from data_pipeline.openai_client import image_data_url as _image_data_url
 
     Image.new("RGB", (4, 2), RED).save(tmp_path / "plain.jpg")
     Image.fromarray(np.array([[0, 65535]], dtype=np.uint16)).save(tmp_path / "g16.png")

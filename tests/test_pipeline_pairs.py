@@ -118,7 +118,8 @@ def test_write_mmpr_layout_and_deduplication(tmp_path: Path) -> None:
     ])
     result = build_answer_pairs(records)
     subsets = {**group_by_dataset(result.correctness, CORRECTNESS_SUFFIX), **group_by_dataset(result.format, FORMAT_SUFFIX)}
-    report = write_mmpr(tmp_path, tmp_path / "images", subsets, max_tiles=12)
+    system_prompts = {name: "sys" if name.startswith("toy") else None for name in subsets}
+    report = write_mmpr(tmp_path, tmp_path / "images", subsets, 12, system_prompts)
     assert {name: (r["pairs"], r["duplicates"]) for name, r in report.items()} == {
         "toy_pairs_vqa_correctness_rules": (4, 4), "toy_pairs_vqa_format_rules": (2, 2),
         "text_pairs_vqa_correctness_rules": (4, 0), "text_pairs_vqa_format_rules": (2, 0),
@@ -130,17 +131,19 @@ def test_write_mmpr_layout_and_deduplication(tmp_path: Path) -> None:
         "repeat_time": 1.0,
         "length": 2,
         "max_dynamic_patch": 12,
+        "system_prompt": "sys",
     }
+    assert meta["text_pairs_vqa_format_rules"]["system_prompt"] is None  # sampled without a system turn
     lines = [json.loads(x) for x in (tmp_path / "annotations" / "text_pairs_vqa_correctness_rules.jsonl").read_text().splitlines()]
     assert len(lines) == 4 and all("image" not in line for line in lines)  # text-only: no image key
     assert list(lines[0])[:4] == ["question", "chosen", "rejected", "answer_gt"]
     # A second write with no pairs for a subset removes its stale file and meta entry.
-    write_mmpr(tmp_path, tmp_path / "images", {"toy_pairs_vqa_format_rules": []}, max_tiles=12)
+    write_mmpr(tmp_path, tmp_path / "images", {"toy_pairs_vqa_format_rules": []}, 12, {"toy_pairs_vqa_format_rules": "sys"})
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert "toy_pairs_vqa_format_rules" not in meta and "toy_pairs_vqa_correctness_rules" in meta
     assert not (tmp_path / "annotations" / "toy_pairs_vqa_format_rules.jsonl").exists()
     # Removing the last subsets leaves no meta.json rather than a "{}" the trainer would refuse.
-    write_mmpr(tmp_path, tmp_path / "images", {name: [] for name in meta}, max_tiles=12)
+    write_mmpr(tmp_path, tmp_path / "images", {name: [] for name in meta}, 12, {name: None for name in meta})
     assert not (tmp_path / "meta.json").exists()
 
 

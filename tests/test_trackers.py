@@ -130,7 +130,7 @@ def test_console_is_one_summary_and_no_library_noise(tracked_run, tiny_model_dir
     lines = console.splitlines()
     start = lines.index("MPO run")
     assert lines[start + 1:start + 11] == [
-        f"  model         {tiny_model_dir} (168,288 parameters, 168,288 trainable)",
+        f"  model         {tiny_model_dir} (175,968 parameters, 175,968 trainable)",
         "  data          19 pairs from 4 subset(s): shapes_pairs_vqa_correctness_rules 9, multi_pairs_vqa_correctness_rules 4, "
         "text_prefix_pair_sr0.5_wo_image 4, video_pairs_vqa_correctness_rules 2; 0 skipped",
         "  evaluation    5 held-out pairs, every 1 steps and after the last step",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mpo.demo.stages import MATCH_MODES, cot_prompt, write_jsonl
+from mpo.demo.stages import MATCH_MODES, SYSTEM_PROMPT, cot_prompt, write_jsonl
 
 
 @dataclass
@@ -60,6 +60,7 @@ def evaluate(model_dir: Path, questions: list[dict], image_root: Path, out_path:
     """
     from data_pipeline.backends import GenerationRequest, SamplingParams, TransformersBackend
     from mpo.inputs import load_image
+    from mpo.prompting import resolve_system_prompt
 
     backend = TransformersBackend(model_dir, device="cpu", dtype="float32")
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, max_tiles=1)
@@ -69,7 +70,8 @@ def evaluate(model_dir: Path, questions: list[dict], image_root: Path, out_path:
     with tqdm(total=len(ordered), desc=desc, unit="q", dynamic_ncols=True, mininterval=0.5) as bar:
         for start in range(0, len(ordered), batch_size):
             batch = ordered[start : start + batch_size]
-            requests = [GenerationRequest(question=cot_prompt(r["question"], prompt), images=(load_image(image_root / r["image"]),))
+            requests = [GenerationRequest(question=cot_prompt(r["question"], prompt), images=(load_image(image_root / r["image"]),),
+                                          system_prompt=resolve_system_prompt(SYSTEM_PROMPT))
                         for r in batch]
             for record, generation in zip(batch, backend.generate(requests, params)):
                 response = generation.texts[0]
