@@ -111,6 +111,11 @@ def load_policy(config: ModelConfig) -> nn.Module:
     if config.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen embeddings and with peft.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # transformers also hooks every input embedding of the model to make its output require
+        # grad, the vision tower's patch embedding included: only reentrant checkpointing needs
+        # that, and it makes a frozen vision tower build a graph, recompute and backpropagate at
+        # every step (measured at InternVL3-1B size: one LoRA backward 23.8 s -> 9.9 s without).
+        model.disable_input_require_grads()
     model.config.use_cache = False
     return model
 
