@@ -44,21 +44,13 @@ def load_processor(config: ModelConfig):
 def load_model(config: ModelConfig) -> nn.Module:
     """The HF model in ``config.dtype`` with the recipe's attention implementation."""
     from transformers import AutoModelForImageTextToText
-    from transformers.integrations import is_deepspeed_zero3_enabled
 
-    model = AutoModelForImageTextToText.from_pretrained(
+    return AutoModelForImageTextToText.from_pretrained(
         resolve_model_path(config.name_or_path),
         dtype=DTYPES[config.dtype],
         attn_implementation=config.attn_implementation,
         trust_remote_code=config.trust_remote_code,
     )
-    if is_deepspeed_zero3_enabled():
-        # Loading under ZeRO-3, transformers (5.23) records its legacy key renamings too and
-        # reverses them all on save, writing the language model as "language_model.model.model.*",
-        # keys no other loader expects. Without a record it saves with the current mapping, like
-        # any model it did not load itself: the same keys as a save outside ZeRO-3.
-        model._weight_conversions = None
-    return model
 
 
 def apply_freezing(model: nn.Module, config: ModelConfig) -> None:

@@ -49,6 +49,17 @@ def merge_lora_state_dict(state_dict: dict, scaling: float, adapter: str = "defa
     return merged
 
 
+def _save_hf(model, directory: Path, state_dict: dict) -> None:
+    """``save_pretrained`` with the keys the model has now, whatever the loaded checkpoint had.
+
+    By default transformers reverses the key renamings it applied at load time, and which ones it
+    records depends on how the model was loaded (under ZeRO-3 it records the legacy renamings too,
+    writing ``language_model.model.model.*``); ``save_original_format=False`` writes the same
+    current-format keys under every launch config, keys every transformers 5 loader reads.
+    """
+    model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True, save_original_format=False)
+
+
 def save_final_model(accelerator, policy, processor, recipe: Recipe) -> Path:
     """Writes ``output_dir/final`` atomically (under ZeRO-3 the weights are gathered first).
 
@@ -69,14 +80,15 @@ def save_final_model(accelerator, policy, processor, recipe: Recipe) -> Path:
         model = accelerator.unwrap_model(policy).model
         shutil.rmtree(tmp, ignore_errors=True)
         lora = recipe.model.lora
-        # A peft model saves its adapter only (its own filter); a full model drops tied copies.
-        full = state_dict if lora.enabled else _drop_tied_copies(state_dict, model)
-        model.save_pretrained(tmp, state_dict=full, safe_serialization=True)
+        if lora.enabled:
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)  # peft keeps the adapter only
+        else:
+            _save_hf(model, tmp, _drop_tied_copies(state_dict, model))
         processor.save_pretrained(tmp)
         if lora.enabled and lora.merge_on_save:
             hf_model = base_model(model)
             merged = _drop_tied_copies(merge_lora_state_dict(state_dict, lora.alpha / lora.r), hf_model)
-            hf_model.save_pretrained(tmp / "merged", state_dict=merged, safe_serialization=True)
+            _save_hf(hf_model, tmp / "merged", merged)
             processor.save_pretrained(tmp / "merged")
         if out.exists():
             shutil.rmtree(out)

@@ -60,3 +60,38 @@ def test_checkpointing_never_backpropagates_through_a_frozen_vision_tower(tiny_m
     assert not any(".vision_tower." in name for name in gradients[True])
     for name, grad in gradients[False].items():
         assert grad is not None and torch.equal(gradients[True][name], grad), name
+
+
+
+def test_final_model_is_written_with_the_current_key_layout(tiny_model_dir, tiny_mmpr_dir, tmp_path):
+    """The checkpoint comes in the layout transformers writes by default and the hub's -hf
+    checkpoints use (``language_model.model.*``); the final model is written with the keys the
+    loaded model has (``model.language_model.*``), the same under every launch config (under ZeRO-3
+    transformers would reverse a different set of renamings, see :func:`mpo.saving._save_hf`)."""
+    import json
+
+    from accelerate.state import AcceleratorState, GradientState
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    from mpo.config import recipe_from_dict
+    from mpo.train import MPOTrainer
+
+    with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as source:
+        assert any(key.startswith("language_model.model.") for key in source.keys())
+    recipe = {
+        "model": {"name_or_path": str(tiny_model_dir), "dtype": "float32"},
+        "data": {"meta_path": str(tiny_mmpr_dir / "meta.json"), "max_dynamic_patch": 4, "video_frames": 4},
+        "train": {"max_steps": 1, "micro_batch_size": 2, "mixed_precision": "no"},
+        "output_dir": str(tmp_path / "run"),
+    }
+    try:
+        MPOTrainer(recipe_from_dict(recipe)).train()
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    tied = model.get_expanded_tied_weights_keys()
+    with safe_open(str(tmp_path / "run" / "final" / "model.safetensors"), "pt") as saved:
+        assert set(saved.keys()) == {key for key in model.state_dict() if key not in tied}
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["step"] == 1
