@@ -96,7 +96,11 @@ def add_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
 
 
 def load_policy(config: ModelConfig) -> nn.Module:
-    model = load_model(config)
+    return prepare_policy(load_model(config), config)
+
+
+def prepare_policy(model: nn.Module, config: ModelConfig) -> nn.Module:
+    """The recipe's freezing, LoRA adapters and activation checkpointing on a loaded model."""
     apply_freezing(model, config)
     if config.lora.enabled:
         model = add_lora(model, config.lora)
