@@ -14,7 +14,7 @@ Bytes per token and layer, ``a`` being the activation size (2 in bf16 or under a
   log-sum-exp (4n); the inputs of the projections (2ah + am); SiLU's input, its output and the up
   projection (3am). With LoRA the frozen base layers keep no input, each adapter keeps its own
   (upcast) input ((6h + m)c, c the adapters' compute size) and its rank-r output; dropout adds
-  a one-byte mask per adapter input element.
+  its mask (1 byte per element on CUDA, 4 on the CPU).
 * trainable InternViT layer: LayerNorm inputs (2ah, their statistics 16), q, k, v and the output
   (4ah, log-sum-exp 4n), the layer-scale inputs (2ah), the inputs of the linear layers
   (2ah + am) and GELU's (am); the patch embedding keeps the tile's pixels. A frozen tower without
@@ -22,10 +22,11 @@ Bytes per token and layer, ``a`` being the activation size (2 in bf16 or under a
 * the plain layout pads each row to the micro-batch's longest: every SDPA call then converts the
   [rows, 1, T, T] padding mask to the activation dtype and keeps it.
 * LM head: the scored hidden states and their fp32 [scored, vocab] logits; the backward of the
-  log-softmax makes two more such tensors.
+  log-softmax makes three more such tensors.
 
 With ``model.gradient_checkpointing`` each layer keeps only its input, and one layer's activations
-are recomputed at a time during the backward.
+are recomputed at a time during the backward (counted twice in the working set: the activations
+and their gradients).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from mpo.config import Recipe
+from mpo.forward import attention_kernel
 
 LN_STATS = 8
 """Bytes per token of a LayerNorm's mean and 1/std: two fp32 values (also for a bf16 input on
@@ -90,26 +92,35 @@ def recipe_shape(recipe: Recipe, image_seq_length: int, tiles: int | None, respo
     return MicroBatchShape(recipe.train.micro_batch_size, tiles, prompt, response, response)
 
 
-def _decoder_layer(h: int, m: int, heads: int, a: int, r: int, recipe: Recipe, trainable: bool) -> float:
-    """Bytes per token kept by one Qwen2 decoder layer, its attention kernel's aside."""
+def _adapters(inputs: int, count: int, a: int, recipe: Recipe, device_type: str) -> float:
+    """Bytes per token kept by ``count`` LoRA adapters whose inputs total ``inputs`` elements.
+
+    peft upcasts each adapter's input to its fp32 weights; under autocast the adapter's matmul
+    keeps a 16-bit copy of it. Dropout keeps its mask: one byte per element on CUDA, the input's
+    4 bytes on the CPU (there it multiplies by a float mask).
+    """
     lora = recipe.model.lora
+    c = a if recipe.train.mixed_precision != "no" else 4
+    mask = (1 if device_type == "cuda" else 4) * (lora.dropout > 0)
+    return inputs * (c + mask) + count * lora.r * c
+
+
+def _decoder_layer(h: int, m: int, heads: int, a: int, r: int, recipe: Recipe, trainable: bool, device_type: str) -> float:
+    """Bytes per token kept by one Qwen2 decoder layer, its attention kernel's aside."""
     mlp = 3 * a * m
     attention = 4 * heads  # the log-sum-exp; q, k, v and the output: _attention
-    if lora.enabled:
-        c = a if recipe.train.mixed_precision != "no" else 4  # peft upcasts to its fp32 adapters
-        adapters = (6 * h + m) * c + 7 * lora.r * c + (6 * h + m) * (lora.dropout > 0)
-        return 2 * (4 * h + 4) + attention + mlp + adapters
+    if recipe.model.lora.enabled:
+        return 2 * (4 * h + 4) + attention + mlp + _adapters(6 * h + m, 7, a, recipe, device_type)
     if not trainable:  # frozen, still backpropagated through (to a trainable vision side)
         return 2 * (4 * h + 4) + attention + mlp
     return 2 * (4 * h + 4 + r * h) + attention + 2 * a * h + a * m + mlp
 
 
-def _vision_layer(h: int, m: int, heads: int, a: int, recipe: Recipe) -> float:
+def _vision_layer(h: int, m: int, heads: int, a: int, recipe: Recipe, device_type: str) -> float:
     """Bytes per token kept by one InternViT layer of a tower in the graph."""
     lora = recipe.model.lora
     if recipe.model.freeze_vision and lora.enabled and lora.vision:
-        c = a if recipe.train.mixed_precision != "no" else 4
-        adapters = (5 * h + m) * c + 6 * lora.r * c + (5 * h + m) * (lora.dropout > 0)
+        adapters = _adapters(5 * h + m, 6, a, recipe, device_type)
         return 2 * a * h + 2 * LN_STATS + 4 * a * h + 4 * heads + a * m + adapters
     return (10 * h + 2 * m) * a + 2 * LN_STATS + 4 * heads
 
@@ -132,6 +143,50 @@ def _attention(kernel: str, text, a: int, shape: MicroBatchShape, tokens: int, r
     return 5 * a * h * tokens + 2 * shape.pairs * (shape.prompt_tokens + shape.rejected_tokens) * h * a
 
 
+def _vision(recipe: Recipe, config, shape: MicroBatchShape, a: int, r: int, device_type: str) -> tuple[float, float, float]:
+    """(vision tower bytes, projector bytes, one vision layer's bytes) kept for the micro-batch."""
+    model, vision = recipe.model, config.vision_config
+    lora_vision = model.lora.enabled and model.lora.vision
+    vision_in_graph = not model.freeze_vision or lora_vision
+    projector_trainable = not model.freeze_projector and not model.lora.enabled  # peft freezes all but adapters
+    # Once per pair with dedupe_vision, else once per row.
+    side, patch = tile_side(vision), vision.patch_size[0] if isinstance(vision.patch_size, list) else vision.patch_size
+    tiles = shape.pairs * shape.tiles * (1 if recipe.forward.dedupe_vision else 2)
+    tokens = tiles * ((side // patch) ** 2 + 1)
+    tower = layer = projector = 0.0
+    if vision_in_graph:
+        layer = _vision_layer(vision.hidden_size, vision.intermediate_size, vision.num_attention_heads, a, recipe, device_type) * tokens
+        pixels = 3 * side * side * a * tiles * (not model.freeze_vision)
+        layers = vision.num_hidden_layers
+        tower = pixels + (layers * r * vision.hidden_size * tokens if model.gradient_checkpointing else layers * layer)
+    if vision_in_graph or projector_trainable:
+        shuffled, out = vision.hidden_size * 4, config.text_config.hidden_size  # pixel shuffle 0.5: 4 patches a token
+        kept = 2 * shuffled + 2 * out if projector_trainable else shuffled + out  # frozen: inputs for the input gradient
+        projector = (kept * a + LN_STATS) * tiles * config.image_seq_length
+    return tower, projector, layer
+
+
+def _language(recipe: Recipe, text, shape: MicroBatchShape, a: int, r: int, device_type: str) -> tuple[float, float]:
+    """(language model bytes, one decoder layer's bytes) kept for the micro-batch."""
+    model = recipe.model
+    h, m, heads = text.hidden_size, text.intermediate_size, text.num_attention_heads
+    # plain: a chosen and a rejected row per pair, padded to the longer; otherwise one row per pair.
+    row = shape.prompt_tokens + max(shape.chosen_tokens, shape.rejected_tokens)
+    plain = recipe.forward.layout == "plain"
+    rows = 2 * shape.pairs if plain else shape.pairs
+    tokens = rows * row if plain else shape.pairs * (shape.prompt_tokens + shape.chosen_tokens + shape.rejected_tokens)
+    trainable = not model.freeze_language and not model.lora.enabled
+    kernel = "plain" if plain else attention_kernel(recipe.forward.attention, torch.device(device_type))
+    layer = _decoder_layer(h, m, heads, a, r, recipe, trainable, device_type) * tokens + _attention(kernel, text, a, shape, tokens, row)
+    layers = text.num_hidden_layers
+    if model.gradient_checkpointing:
+        kept = layers * r * h * tokens + (rows * row * row if plain else 0)  # the layers' inputs, the bool mask
+    else:
+        kept = layers * layer
+    final_norm = (4 * h + 4 + r * h * trainable) * tokens
+    return kept + final_norm + 8 * tokens * trainable, layer  # + the token ids, for the embedding's gradient
+
+
 def estimate_activations(recipe: Recipe, config, shape: MicroBatchShape, device_type: str = "cuda") -> ActivationEstimate:
     """Activation bytes of one training micro-batch.
 
@@ -140,57 +195,18 @@ def estimate_activations(recipe: Recipe, config, shape: MicroBatchShape, device_
         config: the checkpoint's ``InternVLConfig``.
         shape: the micro-batch (:func:`recipe_shape`).
         device_type: where it runs, which picks the attention kernel of shared-prefix and packed
-            rows (``forward.attention: auto``).
+            rows (``forward.attention: auto``) and the size of dropout masks.
     """
-    from mpo.forward import attention_kernel
-
-    model, text, vision = recipe.model, config.text_config, config.vision_config
+    model, text = recipe.model, config.text_config
     a = 2 if model.dtype != "float32" or recipe.train.mixed_precision != "no" else 4
     r = 2 if model.dtype != "float32" else 4
-    checkpointing = model.gradient_checkpointing
-    lora_vision = model.lora.enabled and model.lora.vision
-    vision_in_graph = not model.freeze_vision or lora_vision
-    projector_trainable = not model.freeze_projector and not model.lora.enabled  # peft freezes all but adapters
-    projector_in_graph = vision_in_graph or projector_trainable
-
-    # Vision: once per pair with dedupe_vision, else once per row.
-    side = tile_side(vision)
-    patch = vision.patch_size[0] if isinstance(vision.patch_size, list) else vision.patch_size
-    tiles = shape.pairs * shape.tiles * (1 if recipe.forward.dedupe_vision else 2)
-    vision_tokens = tiles * ((side // patch) ** 2 + 1)
-    vision_bytes = vision_layer = 0.0
-    if vision_in_graph:
-        vision_layer = _vision_layer(vision.hidden_size, vision.intermediate_size, vision.num_attention_heads, a, recipe) * vision_tokens
-        pixels = 3 * side * side * a * tiles * (not model.freeze_vision)
-        layers = vision.num_hidden_layers
-        vision_bytes = pixels + (layers * r * vision.hidden_size * vision_tokens if checkpointing else layers * vision_layer)
-
-    image_tokens = tiles * config.image_seq_length
-    shuffled, out = vision.hidden_size * 4, text.hidden_size  # pixel shuffle 0.5: 4 patches per token
-    projector_bytes = 0.0
-    if projector_in_graph:
-        kept = 2 * shuffled + 2 * out if projector_trainable else shuffled + out  # frozen: inputs for the input gradient
-        projector_bytes = (kept * a + LN_STATS) * image_tokens
-
-    # Language model: plain = a chosen and a rejected row per pair; otherwise one row per pair.
-    h, m, heads = text.hidden_size, text.intermediate_size, text.num_attention_heads
-    row = shape.prompt_tokens + max(shape.chosen_tokens, shape.rejected_tokens)
-    plain = recipe.forward.layout == "plain"
-    rows = 2 * shape.pairs if plain else shape.pairs
-    tokens = rows * row if plain else shape.pairs * (shape.prompt_tokens + shape.chosen_tokens + shape.rejected_tokens)
-    language_trainable = not model.freeze_language and not model.lora.enabled
-    kernel = "plain" if plain else attention_kernel(recipe.forward.attention, torch.device(device_type))
-    layer = _decoder_layer(h, m, heads, a, r, recipe, language_trainable) * tokens + _attention(kernel, text, a, shape, tokens, row)
-    layers = text.num_hidden_layers
-    if checkpointing:
-        language_bytes = layers * r * h * tokens + (rows * row * row if plain else 0)  # inputs + the bool mask
-    else:
-        language_bytes = layers * layer
-    final_norm = (4 * h + 4 + r * h * language_trainable) * tokens
-    language_bytes += final_norm + 8 * tokens * language_trainable  # token ids, for the embedding's gradient
-
+    vision, projector, vision_layer = _vision(recipe, config, shape, a, r, device_type)
+    language, layer = _language(recipe, text, shape, a, r, device_type)
     scored = shape.pairs * (shape.chosen_tokens + shape.rejected_tokens)
     logits = 4 * text.vocab_size * scored
-    head_bytes = r * h * scored + logits
-    recomputed = max(layer, vision_layer) if checkpointing else 0.0
-    return ActivationEstimate(vision_bytes, projector_bytes, language_bytes, head_bytes, max(2 * logits, recomputed))
+    head = r * text.hidden_size * scored + logits
+    # The backward starts with three [scored, vocab] fp32 tensors (the gradients through the
+    # gather and the log-sum-exp, and their sum); with checkpointing each layer's backward then
+    # holds its recomputed activations and their gradients.
+    recomputed = 2 * max(layer, vision_layer) if model.gradient_checkpointing else 0.0
+    return ActivationEstimate(vision, projector, language, head, max(3 * logits, recomputed))

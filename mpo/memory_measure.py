@@ -8,9 +8,9 @@ policy's forward, the reference's forward, the MPO loss and the backward. No opt
 optimizer state is plain arithmetic, the activations are what needs checking.
 
 Peaks are read from ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU from the process's
-resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) after glibc has
-been asked to return its free heap (``malloc_trim``), so allocator caching inflates the CPU
-figure a little rather than hiding anything.
+resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``), with every
+tensor of 64 KiB or more in its own mapping and the free heap returned (``malloc_trim``) before
+each reset, so allocator caching inflates the CPU figure a little rather than hiding anything.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ class _PeakMemory:
 
     def __init__(self, device: torch.device):
         self.device = device
+        if device.type == "cpu":
+            # A fixed mmap threshold (glibc's M_MMAP_THRESHOLD, -3) gives every tensor of 64 KiB
+            # and more its own mapping, returned when freed: the resident set then follows the
+            # live tensors instead of a heap that grows to the sizes it adapted to (up to 32 MiB).
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)
 
     def _status(self, field: str) -> int:
         for line in Path("/proc/self/status").read_text().splitlines():

@@ -96,9 +96,9 @@ def _tiny_recipe(model_dir, data_dir, **model):
         {"freeze_vision": True},
         {"freeze_language": True},
         {"freeze_vision": True, "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}},
-        {"freeze_vision": True, "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "vision": True}},
+        {"freeze_vision": True, "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.05, "vision": True}},
     ],
-    ids=["full", "frozen-vision", "frozen-language", "lora", "lora-vision"],
+    ids=["full", "frozen-vision", "frozen-language", "lora", "lora-vision-dropout"],
 )
 @pytest.mark.parametrize("layout", ["plain", "shared_prefix"])
 def test_activation_estimate_is_what_autograd_keeps(tiny_model_dir, tiny_mmpr_dir, model, layout):
