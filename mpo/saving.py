@@ -79,9 +79,9 @@ def save_final_model(accelerator, policy, processor, recipe: Recipe) -> Path:
 
     Full fine-tuning writes the whole model with safetensors; LoRA writes the adapter (and, with
     ``model.lora.merge_on_save``, a merged full model in ``model.lora.merge_dtype`` under
-    ``final/merged``). Under ZeRO-3 the
-    launch config needs ``zero3_save_16bit_model: true`` (every ``launch/zero3*.yaml`` sets it):
-    that is what makes DeepSpeed gather the shards into one state dict on the main process.
+    ``final/merged``). Under ZeRO-3 the launch config needs ``zero3_save_16bit_model: true``
+    (every ``launch/zero3*.yaml`` sets it): that is what makes DeepSpeed gather the shards into
+    one state dict on the main process.
     """
     out = Path(recipe.output_dir) / "final"
     tmp = out.with_name("final.tmp")
