@@ -55,6 +55,10 @@ class LoraConfig:
     """Also put adapters on the vision tower's attention and MLP layers."""
     merge_on_save: bool = False
     """Also write a merged full model to ``output_dir/final/merged``."""
+    merge_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype of the merged model. Merged into 16-bit weights, an update smaller than half a unit in
+    the last place of its base weight rounds away (most of them at LoRA rates); float32 keeps the
+    merged model equal to base + adapter, at twice the size of a bfloat16 one."""
 
 
 @dataclass

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from accelerate.utils import DistributedType
 
 from mpo.config import Recipe
 from mpo.errors import DataError
+from mpo.modeling import DTYPES
 
 
 def _strip_wrapper(state_dict: dict, prefix: str = "model.") -> dict:
@@ -33,16 +35,17 @@ def _drop_tied_copies(state_dict: dict, model) -> dict:
     return {key: value for key, value in state_dict.items() if not (key in tied and tied[key] in state_dict)}
 
 
-def merge_lora_state_dict(state_dict: dict, scaling: float, adapter: str = "default") -> dict:
+def merge_lora_state_dict(state_dict: dict, scaling: float, dtype: torch.dtype, adapter: str = "default") -> dict:
     """The plain HF state dict of a LoRA model with its adapters folded in: W + scaling * B @ A.
 
     Works on a (gathered) state dict rather than merging the live modules, so it is the same
     under ZeRO-3, where the modules hold only this process's shard, and it leaves the trained
-    model untouched.
+    model untouched. The sum is formed in fp32 and rounded once, to ``dtype``.
 
     Args:
         state_dict: peft keys (``base_model.model.<hf key with .base_layer>``, ``...lora_A.<adapter>.weight``).
         scaling: ``lora_alpha / r``, peft's scale of the update.
+        dtype: the merged model's dtype (every floating tensor is cast to it).
         adapter: the peft adapter name.
     """
     merged = {}
@@ -53,21 +56,41 @@ def merge_lora_state_dict(state_dict: dict, scaling: float, adapter: str = "defa
             module = key[: -len(".base_layer.weight")]
             down = state_dict[f"{module}.lora_A.{adapter}.weight"].float()
             up = state_dict[f"{module}.lora_B.{adapter}.weight"].float()
-            value = (value.float() + scaling * (up @ down)).to(value.dtype)
-        merged[key.removeprefix("base_model.model.").replace(".base_layer.", ".")] = value
+            value = value.float() + scaling * (up @ down)
+        merged[key.removeprefix("base_model.model.").replace(".base_layer.", ".")] = value.to(dtype) if value.is_floating_point() else value
     return merged
 
 
-def write_model(accelerator, policy, processor, directory: Path, merged: bool = False) -> None:
+def _save_hf(model, directory: Path, state_dict: dict, dtype: torch.dtype | None = None) -> None:
+    """``save_pretrained`` with the keys the model has now, whatever the loaded checkpoint had.
+
+    By default transformers reverses the key renamings it applied at load time, and which ones it
+    records depends on how the model was loaded (under ZeRO-3 it records the legacy renamings too,
+    writing ``language_model.model.model.*``); ``save_original_format=False`` writes the same
+    current-format keys under every launch config, keys every transformers 5 loader reads.
+
+    Args:
+        dtype: the dtype of ``state_dict``'s weights when it is not the model's own; written into
+            the config (and its sub-configs), which ``from_pretrained`` loads the weights in.
+    """
+    model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True, save_original_format=False)
+    if dtype is not None:
+        config = copy.deepcopy(model.config)
+        for part in [config, *(getattr(config, name) for name in config.sub_configs)]:
+            part.dtype = dtype
+        config.save_pretrained(directory)
+
+
+def write_model(accelerator, policy, processor, directory: Path, merge_dtype: torch.dtype | None = None) -> None:
     """Writes the policy as a plain HF directory (or a peft adapter) and the processor files.
 
     Full fine-tuning writes the whole model with safetensors (``AutoModelForImageTextToText``
     loads it); LoRA writes the adapter (``PeftModel.from_pretrained`` on the base loads it) and,
-    with ``merged``, a merged full model under ``directory/merged``. Under ZeRO-3 this is a
-    collective (every rank calls it, DeepSpeed gathers the shards into one 16-bit state dict on
-    the main process, which needs ``zero3_save_16bit_model: true`` in the launch config); only the
-    main process writes. Weights are named as the live model names them
-    (``save_original_format=False``), so :func:`load_model_weights` reads them back one to one.
+    with ``merge_dtype``, a merged full model in that dtype under ``directory/merged``. Under
+    ZeRO-3 this is a collective (every rank calls it, DeepSpeed gathers the shards into one 16-bit
+    state dict on the main process, which needs ``zero3_save_16bit_model: true`` in the launch
+    config); only the main process writes. Weights are named as the live model names them
+    (:func:`_save_hf`), so :func:`load_model_weights` reads them back one to one.
     """
     zero3 = accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.deepspeed_config["zero_optimization"]["stage"] == 3
     if not (zero3 or accelerator.is_main_process):
@@ -83,25 +106,25 @@ def write_model(accelerator, policy, processor, directory: Path, merged: bool = 
     if lora:
         model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)  # the adapter only (peft's filter)
     else:
-        full = _drop_tied_copies(state_dict, model)
-        model.save_pretrained(directory, state_dict=full, safe_serialization=True, save_original_format=False)
+        _save_hf(model, directory, _drop_tied_copies(state_dict, model))
     processor.save_pretrained(directory)
-    if lora and merged:
+    if lora and merge_dtype is not None:
         hf_model = base_model(model)
         scaling = model.peft_config["default"].lora_alpha / model.peft_config["default"].r
-        merged_state = _drop_tied_copies(merge_lora_state_dict(state_dict, scaling), hf_model)
-        hf_model.save_pretrained(directory / "merged", state_dict=merged_state, safe_serialization=True, save_original_format=False)
+        merged_state = _drop_tied_copies(merge_lora_state_dict(state_dict, scaling, merge_dtype), hf_model)
+        _save_hf(hf_model, directory / "merged", merged_state, merge_dtype)
         processor.save_pretrained(directory / "merged")
 
 
 def save_final_model(accelerator, policy, processor, recipe: Recipe) -> Path:
-    """Writes ``output_dir/final`` atomically with :func:`write_model` (a merged model under
-    ``final/merged`` too with ``model.lora.merge_on_save``)."""
+    """Writes ``output_dir/final`` atomically with :func:`write_model` (a merged model in
+    ``model.lora.merge_dtype`` under ``final/merged`` too with ``model.lora.merge_on_save``)."""
     out = Path(recipe.output_dir) / "final"
     tmp = out.with_name("final.tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-    write_model(accelerator, policy, processor, tmp, merged=recipe.model.lora.merge_on_save)
+    lora = recipe.model.lora
+    write_model(accelerator, policy, processor, tmp, DTYPES[lora.merge_dtype] if lora.merge_on_save else None)
     if accelerator.is_main_process:
         if out.exists():
             shutil.rmtree(out)

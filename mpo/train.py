@@ -45,6 +45,7 @@ from mpo.forward import ForwardOutput, PreferenceForward
 from mpo.losses import MPOLoss, RewardShift
 from mpo.metrics import MetricsWriter, StepStats
 from mpo.modeling import count_parameters, load_policy, load_processor, load_reference, vision_is_frozen
+from mpo.precision import MasterWeightAdamW, check_precision, clip_grad_norm
 from mpo.preflight import check_before_loading
 from mpo.reference import DisabledAdapterReference, FrozenModelReference
 from mpo.sampling import GlobalBatchOrder
@@ -83,12 +84,13 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     )
 
 
-def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, recipe: Recipe, master_weights: bool) -> torch.optim.Optimizer:
     """AdamW; biases and norm weights (1-D parameters) get no weight decay, as in HF Trainer.
 
     The vision tower and the projector get their own peak rate when ``train.vision_lr`` /
     ``train.projector_lr`` are set; the scheduler scales every group by the same factor, and the
-    language model's rate comes first, so ``get_last_lr()[0]`` is the logged ``lr``.
+    language model's rate comes first, so ``get_last_lr()[0]`` is the logged ``lr``. With
+    ``master_weights`` it steps fp32 copies of 16-bit weights (:mod:`mpo.precision`).
     """
     train = recipe.train
     rates = {"language": train.lr, "vision": train.vision_lr or train.lr, "projector": train.projector_lr or train.lr}
@@ -99,7 +101,8 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optim
             # A ZeRO-3 partitioned parameter is an empty 1-D placeholder; ds_shape is its real shape.
             ndim = len(parameter.ds_shape) if hasattr(parameter, "ds_shape") else parameter.ndim
             groups[part, ndim >= 2].append(parameter)
-    return torch.optim.AdamW(
+    optimizer_class = MasterWeightAdamW if master_weights else torch.optim.AdamW
+    return optimizer_class(
         # DeepSpeed drops an empty group (LoRA trains no 1-D weights), leaving the scheduler with
         # more rates than groups; so no empty group is made.
         [{"params": params, "lr": rates[part], "weight_decay": train.weight_decay if decay else 0.0}
@@ -229,7 +232,9 @@ class MPOTrainer:
         )
         self.reward_shift = RewardShift(recipe.loss.delta_mode, recipe.loss.delta_ema_decay)
 
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        check_precision(recipe.model.dtype, train.mixed_precision, deepspeed)
+        if deepspeed:
             from mpo.distributed import check_supported, configure_deepspeed, text_hidden_size
 
             check_supported(accelerator, recipe.model)
@@ -247,7 +252,10 @@ class MPOTrainer:
         self.trainable, self.total_params = count_parameters(policy_model)
         self.reuse_features = recipe.forward.dedupe_vision and vision_is_frozen(policy_model)
         policy = PreferenceForward(policy_model)
-        optimizer = build_optimizer(policy, recipe)
+        if not deepspeed:
+            policy.to(accelerator.device)  # fp32 masters are made where their weights live
+        # DeepSpeed masters 16-bit weights itself; elsewhere the optimizer does.
+        optimizer = build_optimizer(policy, recipe, master_weights=not deepspeed and recipe.model.dtype != "float32")
         scheduler = get_scheduler(
             train.lr_scheduler,
             optimizer,
@@ -336,7 +344,7 @@ class MPOTrainer:
                 policy_out, output = self.score(batch, delta)
                 accelerator.backward(output.loss)
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(self.policy.parameters(), self.recipe.train.max_grad_norm)
+                    grad_norm = clip_grad_norm(accelerator, self.policy, self.optimizer, self.recipe.train.max_grad_norm)
                 self.optimizer.step()
                 if accelerator.sync_gradients:
                     self.scheduler.step()

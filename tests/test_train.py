@@ -210,7 +210,7 @@ def test_vision_and_projector_rates_and_no_decay_groups(tiny_model_dir, tiny_mmp
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
     recipe = recipe_from_dict(make_recipe(tiny_model_dir, tiny_mmpr_dir, tmp_path, lr=1e-4, vision_lr=3e-4, projector_lr=2e-4))
-    optimizer = build_optimizer(model, recipe)
+    optimizer = build_optimizer(model, recipe, master_weights=False)
     ids = {id(p): n for n, p in model.named_parameters()}
     seen = {}
     for group in optimizer.param_groups:
