@@ -180,12 +180,33 @@ def collate_packed(pairs: list[EncodedPair], pad_id: int, pack_length: int, atte
     return collate_rows(rows, pairs, pad_id, "packed", attention)
 
 
+def collate_auto(pairs: list[EncodedPair], pad_id: int, pack_length: int, attention: str = "auto") -> PreferenceBatch:
+    """``packed`` when it feeds fewer token slots (rows x width) than ``shared_prefix``, else
+    ``shared_prefix``; the batch's ``layout`` says which.
+
+    The two compute the same attention (:func:`may_attend`) and the same log-probs; packing only
+    drops padding, which the linear layers would compute. Pairs of equal length, a single pair,
+    or pairs too long to share a row feed as many slots either way and keep one row per pair.
+    For the docstring's three pairs (5, 4 and 3 tokens) and rows of 8: packed 2 x 8 = 16 slots,
+    shared-prefix 3 x 5 = 15, so shared-prefix; with rows of 12: packed 1 x 12, so packed.
+    """
+    lengths = [pair_length(p) for p in pairs]
+    rows = pack_rows(lengths, pack_length)
+    packed_slots = len(rows) * max(sum(lengths[j] for j in row) for row in rows)
+    if packed_slots < len(pairs) * max(lengths):
+        return collate_rows(rows, pairs, pad_id, "packed", attention)
+    return collate_shared_prefix(pairs, pad_id, attention)
+
+
 def build_prefix_collator(forward: ForwardConfig, data: DataConfig, pad_id: int) -> Callable[[list[EncodedPair]], PreferenceBatch]:
-    """The ``shared_prefix`` or ``packed`` collator of a recipe."""
+    """The ``shared_prefix``, ``packed`` or ``auto`` collator of a recipe."""
+    pack_length = forward.pack_length or data.max_length
     if forward.layout == "shared_prefix":
         return partial(collate_shared_prefix, pad_id=pad_id, attention=forward.attention)
     if forward.layout == "packed":
-        return partial(collate_packed, pad_id=pad_id, pack_length=forward.pack_length or data.max_length, attention=forward.attention)
+        return partial(collate_packed, pad_id=pad_id, pack_length=pack_length, attention=forward.attention)
+    if forward.layout == "auto":
+        return partial(collate_auto, pad_id=pad_id, pack_length=pack_length, attention=forward.attention)
     raise ValueError(f"no prefix collator for layout {forward.layout!r}")
 
 
