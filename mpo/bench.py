@@ -3,6 +3,7 @@
     mpo bench [--against trl] [--model builtin:bench] [--vocab-size 151674]
               [--scenarios image_heavy,text_short] [--vision frozen,trainable]
               [--steps 3] [--warmup 1] [--threads 1] [--json FILE]
+    mpo bench --ideal-only --model examples/model_configs/InternVL3-8B-hf
 
 For each scenario (synthetic pairs of a given shape) and each vision-tower setting, the same model
 takes true training steps (collate, policy forward and backward, reference forward, MPO loss,
@@ -29,6 +30,10 @@ ratio over the baseline (``trl`` when it runs, else ``plain``) in wall time and 
 the model's dimensions: :class:`mpo.bench_measure.FlopModel`), the share of it achieved, the FLOP
 rate (MFU on a GPU), and the largest log-prob and loss differences from ``plain``.
 
+``--ideal-only`` (:mod:`mpo.bench_ideal`) runs nothing: it reads a checkpoint's config (no weights) and prints the FLOP-ideal
+ratios of every path over TRL on a GPU for the same scenarios, each image tiled as that model
+tiles it, so the bench model's figures can be set against a real InternVL3's.
+
 The default model, ``builtin:bench``, is the random ``bench`` InternVL of :mod:`mpo.tiny_model`
 (23 M parameters besides the embeddings, 128-px tiles of 64 tokens), its vocabulary widened to
 InternVL3's 151,674 tokens (``--vocab-size``, tied embeddings) so the LM head weighs what it
@@ -49,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from mpo.bench_measure import FlopModel, PeakMemory, TileCounter, Work, cpu_clock, gpu_peak_tflops, pair_work
+from mpo.bench_measure import FlopModel, PeakMemory, TileCounter, Work, cpu_clock, gpu_peak_tflops, pair_work, path_tiles
 from mpo.collate import collate_plain
 from mpo.config import ModelConfig, Recipe
 from mpo.forward import PreferenceForward
@@ -127,6 +132,16 @@ def make_pairs(scenario: Scenario, processor, tile_size: int, count: int, seed: 
     return pairs
 
 
+def collators(pad_id: int, pack_length: int, attention: str) -> dict:
+    """Each layout's collate function."""
+    return {
+        "plain": lambda pairs: collate_plain(pairs, pad_id),
+        "shared_prefix": lambda pairs: collate_shared_prefix(pairs, pad_id, attention),
+        "packed": lambda pairs: collate_packed(pairs, pad_id, pack_length, attention),
+        "auto": lambda pairs: collate_auto(pairs, pad_id, pack_length, attention),
+    }
+
+
 class Snapshot:
     """Copies of every tensor a training step changes (weights, fp32 masters, optimizer state),
     restored in place so each path's step starts from the same point."""
@@ -175,12 +190,7 @@ class MPORace:
         self.optimizer = build_optimizer(self.policy, recipe, master_weights=args.dtype != "float32", device=device)
         self.reference = FrozenModelReference(PreferenceForward(reference_model), reuse_policy_features=frozen)
         self.policy_tiles, self.reference_tiles = TileCounter(policy_model), TileCounter(reference_model)
-        self.collate = {
-            "plain": lambda pairs: collate_plain(pairs, pad_id),
-            "shared_prefix": lambda pairs: collate_shared_prefix(pairs, pad_id, args.attention),
-            "packed": lambda pairs: collate_packed(pairs, pad_id, args.pack_length, args.attention),
-            "auto": lambda pairs: collate_auto(pairs, pad_id, args.pack_length, args.attention),
-        }
+        self.collate = collators(pad_id, args.pack_length, args.attention)
         self.loss_fn = MPOLoss(sft_reduction="token")  # TRL's SFT term, so the losses compare
         self.precomputed: PrecomputedReference | None = None
 
@@ -239,8 +249,9 @@ def bench_setting(args, scenario: Scenario, frozen: bool, base, processor, flop_
     race.precompute(batches)
     trl = None
     if "trl" in args.paths:
-        from mpo.bench_trl import TRLRun, trl_work
+        from mpo.bench_trl import TRLRun, scores_every_position, trl_work
 
+        every_position = scores_every_position(device)
         trl = TRLRun(base, processor, frozen, args.lr, args.dtype == "bfloat16", device)
         trl_tiles = (TileCounter(trl.model), TileCounter(trl.trainer.ref_model))
     results = {name: PathResult(name) for name in args.paths}
@@ -258,7 +269,7 @@ def bench_setting(args, scenario: Scenario, frozen: bool, base, processor, flop_
             if name == "trl":
                 trl_tiles[0].count = trl_tiles[1].count = 0
                 seconds, cpu_seconds, peak, loss = timed(device, lambda: trl.step(pairs))
-                work, gpu_work = trl_work(pairs, device)
+                work, gpu_work = trl_work(pairs, every_position), trl_work(pairs, every_position=False)
                 tiles, reference_forward, loss, logps = (trl_tiles[0].count, trl_tiles[1].count), True, float(loss), None
             else:
                 race.policy_tiles.count = race.reference_tiles.count = 0
@@ -357,6 +368,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--json", default="", help="also write every figure to this file")
+    parser.add_argument("--ideal-only", action="store_true", help="print the FLOP-ideal ratios over TRL on a GPU at --model's dimensions, run nothing")
     args = parser.parse_args(argv)
     args.scenarios, args.vision, args.paths = args.scenarios.split(","), args.vision.split(","), args.paths.split(",")
     for value, allowed, flag in ((args.scenarios, SCENARIOS, "--scenarios"), (args.vision, ("frozen", "trainable"), "--vision"), (args.paths, PATHS, "--paths")):
@@ -365,7 +377,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"{flag}: unknown {unknown}; choose from {', '.join(allowed)}")
     if "plain" not in args.paths:
         args.paths = ["plain"] + args.paths  # every log-prob and loss is compared with it
-    if args.against == "trl":
+    if args.against == "trl" and not args.ideal_only:
         from mpo.bench_trl import trl_available
 
         if not trl_available():
@@ -391,6 +403,10 @@ def load_bench_model(args, device: torch.device):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.ideal_only:
+        from mpo.bench_ideal import ideal_only
+
+        return ideal_only(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))

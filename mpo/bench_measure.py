@@ -168,3 +168,13 @@ def cpu_clock() -> float:
     thread (no sampler thread, no waiting for a core shared with other processes), else every
     thread's. Wall time is what users get; CPU time is the steadier comparison on a busy machine."""
     return time.thread_time() if torch.get_num_threads() == 1 else time.process_time()
+
+
+def path_tiles(name: str, pairs: list[EncodedPair], frozen: bool) -> tuple[int, int]:
+    """(policy, reference) tiles a step of path ``name`` encodes: TRL every pair's tiles once per
+    row for each model; mpo once per pair for the policy, the reference reusing a frozen tower's
+    features, none with precomputed log-probs."""
+    tiles = sum(p.num_tiles for p in pairs)
+    if name == "trl":
+        return 2 * tiles, 2 * tiles
+    return tiles, 0 if frozen or name == "precomputed" else tiles

@@ -13,7 +13,7 @@ step and ``zero_grad``.
 TRL's fused LM head scores only the completion positions where Triton runs (CUDA, XPU); elsewhere,
 the CPU included, it scores every position of every row (``trl/kernels/chunked_logprob.py``,
 ``_use_triton``), so on a CPU it does far more LM-head work than on a GPU. :func:`trl_work` counts
-what it does on the device at hand and what it would do on a GPU.
+what it does on the device at hand (:func:`scores_every_position`) and what it would do on a GPU.
 """
 
 from __future__ import annotations
@@ -58,17 +58,21 @@ def trl_inputs(pairs: list[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]
     return inputs
 
 
-def trl_work(pairs: list[EncodedPair], device: torch.device) -> tuple[Work, Work]:
-    """(TRL's work on ``device``, TRL's work on a CUDA device) for one forward of ``pairs``."""
+def trl_work(pairs: list[EncodedPair], every_position: bool) -> Work:
+    """TRL's work for one forward of ``pairs``: its LM head scores ``every_position`` of every row
+    (off Triton devices) or the completion tokens alone (CUDA, XPU)."""
     inputs = trl_inputs(pairs, pad_id=0)
     rows, width = inputs["input_ids"].shape
     attended = sum((len(p.prompt_ids) + len(c)) * (len(p.prompt_ids) + len(c) + 1) // 2
                    for p in pairs for c in (p.chosen_ids, p.rejected_ids))
-    completion = int(inputs["completion_mask"].sum())
+    return Work(rows * width, attended, rows * (width - 1) if every_position else int(inputs["completion_mask"].sum()))
+
+
+def scores_every_position(device: torch.device) -> bool:
+    """Whether TRL's fused LM head scores every position on ``device`` (no Triton there)."""
     from trl.kernels.chunked_logprob import _use_triton
 
-    here = completion if _use_triton(device) else rows * (width - 1)
-    return Work(rows * width, attended, here), Work(rows * width, attended, completion)
+    return not _use_triton(device)
 
 
 class TRLRun:

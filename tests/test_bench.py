@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from mpo.bench import main
-from mpo.bench_measure import FlopModel, Work, pair_work
+from mpo.bench import SCENARIOS, main
+from mpo.bench_ideal import shaped_pairs
+from mpo.bench_measure import FlopModel, Work, pair_work, path_tiles
 from mpo.bench_trl import trl_inputs, trl_work
 from mpo.types import EncodedPair
 
@@ -60,8 +61,37 @@ def test_trl_batch_and_work_by_hand():
     assert inputs["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0]]
     assert inputs["completion_mask"].tolist() == [[0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 0, 0]]
     assert "pixel_values" not in inputs
-    pytest.importorskip("trl")
-    assert trl_work(PAIRS, torch.device("cpu")) == (Work(24, 38, 20), Work(24, 38, 7))
+    assert trl_work(PAIRS, every_position=True) == Work(24, 38, 20)
+    assert trl_work(PAIRS, every_position=False) == Work(24, 38, 7)
+
+
+def test_tiles_each_path_encodes():
+    """Pairs of 3 and 2 tiles: TRL encodes each pair's tiles for both rows in both models; mpo
+    once per pair for the policy, again for the reference only when the tower trains."""
+    pairs = [EncodedPair([1], [2], [3], torch.zeros(3, 3, 1, 1)), EncodedPair([1], [2], [3], torch.zeros(2, 3, 1, 1))]
+    assert path_tiles("trl", pairs, frozen=True) == path_tiles("trl", pairs, frozen=False) == (10, 10)
+    assert path_tiles("auto", pairs, frozen=True) == (5, 0)
+    assert path_tiles("plain", pairs, frozen=False) == (5, 5)
+    assert path_tiles("precomputed", pairs, frozen=False) == (5, 0)
+
+
+def test_shaped_pairs_have_the_prompt_layout_of_a_tiled_image():
+    """7 tiles of 256 tokens: header 3 + <img> 7*256 </img> newline + question 60..100 + footer 5."""
+    pairs = shaped_pairs(SCENARIOS["image_heavy"], 256, 4, seed=0)
+    for pair in pairs:
+        assert 3 + 7 * 256 + 3 + 60 + 5 <= len(pair.prompt_ids) <= 3 + 7 * 256 + 3 + 100 + 5
+        assert pair.num_tiles == 7 and 48 <= len(pair.chosen_ids) <= 80
+
+
+def test_ideal_only_reads_the_config_and_runs_nothing(tiny_model_dir, capsys):
+    """A text-only plain step costs TRL what it costs mpo but for the padding (ratio about 1);
+    prefix sharing and skipping the reference forward only add to it."""
+    assert main(["--ideal-only", "--model", str(tiny_model_dir), "--vocab-size", "0", "--scenarios", "text_short",
+                 "--vision", "frozen", "--steps", "2"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1].split() == ["scenario", "vision", "plain", "shared_prefix", "packed", "auto", "precomputed"]
+    ratios = [float(value.rstrip("x")) for value in printed[2].split()[2:]]
+    assert 0.95 < ratios[0] < 1.1 and ratios[0] < ratios[1] <= ratios[2] == ratios[3] < ratios[4]
 
 
 def _bench(tiny_model_dir, tmp_path, *extra) -> dict[str, dict]:
