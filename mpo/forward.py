@@ -180,10 +180,13 @@ class PreferenceForward(nn.Module):
         return hf.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
 
     @staticmethod
-    def _blank_tile(hf: nn.Module, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def _blank_tile(hf: nn.Module, device: torch.device) -> torch.Tensor:
+        # float32: get_image_features casts pixels to the tower's dtype. Reading a weight's dtype
+        # here instead would, under ZeRO-3, gather that weight on this process alone (a partitioned
+        # parameter is gathered when read), a collective the processes with images never join.
         size = hf.config.vision_config.image_size
         height, width = (size, size) if isinstance(size, int) else size
-        return torch.zeros(1, 3, height, width, dtype=dtype, device=device)
+        return torch.zeros(1, 3, height, width, device=device)
 
     def forward(self, batch: PreferenceBatch, image_features: torch.Tensor | None = None) -> ForwardOutput:
         """Scores every response token of the batch.
@@ -201,10 +204,7 @@ class PreferenceForward(nn.Module):
             # where a vision pass would have: only the gradients' presence is changed.
             touch = zero_gradient_touch(hf)
         if image_features is None and (not text_only or self.text_only_vision == "blank_tile"):
-            pixels = batch.pixel_values
-            if text_only:
-                dtype = hf.get_input_embeddings().weight.dtype
-                pixels = self._blank_tile(hf, dtype, batch.input_ids.device)
+            pixels = self._blank_tile(hf, batch.input_ids.device) if text_only else batch.pixel_values
             image_features = self.image_features(pixels)
         encoder_outputs = None
         if not text_only:
