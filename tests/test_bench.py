@@ -117,7 +117,7 @@ def test_bench_cli_every_path_scores_what_plain_scores(tiny_model_dir, tmp_path,
         assert row["pairs_per_s"] > 0 and row["peak_mb"] >= 0
 
 
-def test_bench_against_trl_scores_the_same_loss(tiny_model_dir, tmp_path):
+def test_bench_against_trl_scores_the_same_loss(tiny_model_dir, tmp_path, fresh_accelerate_state):
     """TRL's DPOTrainer in its MPO setting on the same pairs and weights: the same loss (TRL's
     ratio over itself 1, its full-vocabulary CPU head counted in its FLOPs)."""
     pytest.importorskip("trl")

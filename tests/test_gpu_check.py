@@ -35,7 +35,7 @@ def test_flex_check_runs_up_to_flex_backward_on_cpu(tiny_model_dir):
         check_flex(torch.device("cpu"), str(tiny_model_dir))
 
 
-def test_bench_check_summarises_the_bench(tiny_model_dir):
+def test_bench_check_summarises_the_bench(tiny_model_dir, fresh_accelerate_state):
     check = check_bench(1, ["--model", str(tiny_model_dir), "--vocab-size", "2000", "--scenarios", "text_short",
                             "--vision", "frozen", "--paths", "auto,precomputed", "--threads", "1"])
     assert check.passed, check.summary
