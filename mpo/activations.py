@@ -21,8 +21,9 @@ Bytes per token and layer, ``a`` being the activation size (2 in bf16 or under a
   adapters keeps nothing (it is not in the graph, see ``mpo.modeling.load_policy``).
 * the plain layout pads each row to the micro-batch's longest: every SDPA call then converts the
   [rows, 1, T, T] padding mask to the activation dtype and keeps it.
-* LM head: the scored hidden states and their fp32 [scored, vocab] logits; the backward of the
-  log-softmax makes three more such tensors.
+* LM head: the scored hidden states, their target ids and fp32 log-sum-exps (``mpo.head`` keeps
+  no [scored, vocab] logits); its backward recomputes one fp32 [scored, chunk] block of logits at
+  a time, with fp32 copies of the hidden states and of their gradient.
 
 With ``model.gradient_checkpointing`` each layer keeps only its input, and one layer's activations
 are recomputed at a time during the backward (counted twice in the working set: the activations
@@ -37,6 +38,7 @@ import torch
 
 from mpo.config import Recipe
 from mpo.forward import attention_kernel
+from mpo.head import DEFAULT_CHUNK as HEAD_CHUNK
 
 LN_STATS = 8
 """Bytes per token of a LayerNorm's mean and 1/std: two fp32 values (also for a bf16 input on
@@ -65,7 +67,7 @@ class ActivationEstimate:
     language: float
     head: float
     transient: float
-    """Allocated on top during the backward (the log-softmax's gradients, one recomputed layer)."""
+    """Allocated on top during the backward (the head's recomputed logits, one recomputed layer)."""
 
     @property
     def kept(self) -> float:
@@ -203,10 +205,10 @@ def estimate_activations(recipe: Recipe, config, shape: MicroBatchShape, device_
     vision, projector, vision_layer = _vision(recipe, config, shape, a, r, device_type)
     language, layer = _language(recipe, text, shape, a, r, device_type)
     scored = shape.pairs * (shape.chosen_tokens + shape.rejected_tokens)
-    logits = 4 * text.vocab_size * scored
-    head = r * text.hidden_size * scored + logits
-    # The backward starts with three [scored, vocab] fp32 tensors (the gradients through the
-    # gather and the log-sum-exp, and their sum); with checkpointing each layer's backward then
-    # holds its recomputed activations and their gradients.
+    head = (r * text.hidden_size + 8 + 4) * scored
+    # The head's backward holds one [scored, chunk] fp32 block and two fp32 [scored, hidden]
+    # tensors; with checkpointing each layer's backward then holds its recomputed activations
+    # and their gradients.
+    head_backward = 4 * scored * min(HEAD_CHUNK, text.vocab_size) + 8 * text.hidden_size * scored
     recomputed = 2 * max(layer, vision_layer) if model.gradient_checkpointing else 0.0
-    return ActivationEstimate(vision, projector, language, head, max(3 * logits, recomputed))
+    return ActivationEstimate(vision, projector, language, head, max(head_backward, recomputed))

@@ -171,16 +171,19 @@ class LossConfig:
 
 @dataclass
 class ForwardConfig:
-    layout: Literal["plain", "shared_prefix", "packed"] = "plain"
+    layout: Literal["auto", "plain", "shared_prefix", "packed"] = "auto"
     """``plain``: a chosen and a rejected row per pair (the peers' way); ``shared_prefix``:
-    ``[prompt | chosen | rejected]`` in one row; ``packed``: several such pairs per row."""
+    ``[prompt | chosen | rejected]`` in one row; ``packed``: several such pairs per row; ``auto``:
+    per micro-batch, ``packed`` where it feeds fewer token slots than ``shared_prefix`` (pairs of
+    unequal length that share a row), else ``shared_prefix``. Every layout gives the plain
+    layout's log-probs (within 1e-5 per token in float32)."""
     dedupe_vision: bool = True
     """Run the vision tower once per pair instead of once per row, and let the reference reuse
     the policy's image features when the vision tower and projector are frozen."""
     attention: Literal["auto", "sdpa", "flex"] = "auto"
     """``auto``: FlexAttention on CUDA, per-pair SDPA elsewhere; ``sdpa`` / ``flex`` force one."""
     pack_length: int = 0
-    """Row length for ``packed`` (0: ``data.max_length``)."""
+    """Row length for ``packed`` and ``auto`` (0: ``data.max_length``)."""
 
 
 @dataclass

@@ -60,6 +60,9 @@ def _subsets(records) -> str:
     return f"{len(counts)} subset(s): {named}{more}"
 
 
+LAYOUTS = {"auto": "auto (shared_prefix, or packed where it removes padding)"}
+
+
 def startup_summary(trainer) -> str:
     """The block printed before the first step (model, data, layout, reference, precision, world
     size, global batch, steps, outputs)."""
@@ -75,7 +78,7 @@ def startup_summary(trainer) -> str:
         ("model", f"{recipe.model.name_or_path} ({trainer.total_params:,} parameters, {trainer.trainable:,} trainable"
                   f"{', LoRA' if recipe.model.lora.enabled else ''})"),
         ("data", f"{len(trainer.dataset)} pairs from {_subsets(trainer.dataset.records)}; {trainer.skip_log.count} skipped"),
-        ("layout", f"{recipe.forward.layout}{', vision once per pair' if recipe.forward.dedupe_vision else ''}"),
+        ("layout", f"{LAYOUTS.get(recipe.forward.layout, recipe.forward.layout)}{', vision once per pair' if recipe.forward.dedupe_vision else ''}"),
         ("reference", reference),
         ("precision", f"weights {recipe.model.dtype}, mixed precision {recipe.train.mixed_precision}"),
         ("processes", f"{accelerator.num_processes} ({_distribution(accelerator)})"),

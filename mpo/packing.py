@@ -180,12 +180,33 @@ def collate_packed(pairs: list[EncodedPair], pad_id: int, pack_length: int, atte
     return collate_rows(rows, pairs, pad_id, "packed", attention)
 
 
+def collate_auto(pairs: list[EncodedPair], pad_id: int, pack_length: int, attention: str = "auto") -> PreferenceBatch:
+    """``packed`` when it feeds fewer token slots (rows x width) than ``shared_prefix``, else
+    ``shared_prefix``; the batch's ``layout`` says which.
+
+    The two compute the same attention (:func:`may_attend`) and the same log-probs; packing only
+    drops padding, which the linear layers would compute. Pairs of equal length, a single pair,
+    or pairs too long to share a row feed as many slots either way and keep one row per pair.
+    For the docstring's three pairs (5, 4 and 3 tokens) and rows of 8: packed 2 x 8 = 16 slots,
+    shared-prefix 3 x 5 = 15, so shared-prefix; with rows of 12: packed 1 x 12, so packed.
+    """
+    lengths = [pair_length(p) for p in pairs]
+    rows = pack_rows(lengths, pack_length)
+    packed_slots = len(rows) * max(sum(lengths[j] for j in row) for row in rows)
+    if packed_slots < len(pairs) * max(lengths):
+        return collate_rows(rows, pairs, pad_id, "packed", attention)
+    return collate_shared_prefix(pairs, pad_id, attention)
+
+
 def build_prefix_collator(forward: ForwardConfig, data: DataConfig, pad_id: int) -> Callable[[list[EncodedPair]], PreferenceBatch]:
-    """The ``shared_prefix`` or ``packed`` collator of a recipe."""
+    """The ``shared_prefix``, ``packed`` or ``auto`` collator of a recipe."""
+    pack_length = forward.pack_length or data.max_length
     if forward.layout == "shared_prefix":
         return partial(collate_shared_prefix, pad_id=pad_id, attention=forward.attention)
     if forward.layout == "packed":
-        return partial(collate_packed, pad_id=pad_id, pack_length=forward.pack_length or data.max_length, attention=forward.attention)
+        return partial(collate_packed, pad_id=pad_id, pack_length=pack_length, attention=forward.attention)
+    if forward.layout == "auto":
+        return partial(collate_auto, pad_id=pad_id, pack_length=pack_length, attention=forward.attention)
     raise ValueError(f"no prefix collator for layout {forward.layout!r}")
 
 
@@ -258,25 +279,34 @@ def pair_sdpa_attention(module, query, key, value, attention_mask, scaling=None,
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)  # grouped-query heads
-    rows: list[list[torch.Tensor]] = [[] for _ in range(query.shape[0])]
-    ends = [0] * query.shape[0]
-    for row, start, prompt, chosen, rejected in pair_blocks:
-        q, k, v = query[row : row + 1], key[row : row + 1], value[row : row + 1]
-        head = slice(start, start + prompt + chosen)
-        rows[row].append(F.scaled_dot_product_attention(q[:, :, head], k[:, :, head], v[:, :, head], dropout_p=dropout, is_causal=True, scale=scaling))
-        tail = slice(head.stop, head.stop + rejected)
-        keys = torch.cat([k[:, :, start : start + prompt], k[:, :, tail]], dim=2)
-        values = torch.cat([v[:, :, start : start + prompt], v[:, :, tail]], dim=2)
-        # rejected token i sees the whole prompt and rejected tokens 0..i
-        allowed = torch.arange(prompt + rejected, device=q.device)[None, :] <= prompt + torch.arange(rejected, device=q.device)[:, None]
-        rows[row].append(F.scaled_dot_product_attention(q[:, :, tail], keys, values, attn_mask=allowed, dropout_p=dropout, scale=scaling))
-        ends[row] = tail.stop
     length = query.shape[2]
-    for row, parts in enumerate(rows):
-        if ends[row] < length:
-            parts.append(query.new_zeros(1, query.shape[1], length - ends[row], query.shape[3]))
-    output = torch.cat([torch.cat(parts, dim=2) for parts in rows])
-    return output.transpose(1, 2).contiguous(), None
+    by_row: list[list[tuple[int, int, int, int]]] = [[] for _ in range(query.shape[0])]
+    for row, start, prompt, chosen, rejected in pair_blocks:
+        by_row[row].append((start, prompt, chosen, rejected))
+    # Rows and blocks are cut with unbind and split, never by slicing: the backward of a slice
+    # writes its gradient into a zero tensor as large as what was sliced, so slicing every block
+    # out of a row (every row out of the batch) costs rows x blocks x the row's size, 16 blocks
+    # of 100 tokens 2.4x the attention itself; a split's backward is one concatenation.
+    outputs = []
+    for q_row, k_row, v_row, blocks in zip(query.unbind(0), key.unbind(0), value.unbind(0), by_row):
+        sizes, end = [], 0
+        for start, prompt, chosen, rejected in blocks:
+            sizes += [prompt + chosen, rejected]
+            end = start + prompt + chosen + rejected
+        sizes.append(length - end)  # padding
+        q_parts, k_parts, v_parts = (t.split(sizes, dim=1) for t in (q_row, k_row, v_row))
+        parts = []
+        for i, (start, prompt, chosen, rejected) in enumerate(blocks):
+            q_head, k_head, v_head = q_parts[2 * i], k_parts[2 * i], v_parts[2 * i]
+            parts.append(F.scaled_dot_product_attention(q_head, k_head, v_head, dropout_p=dropout, is_causal=True, scale=scaling))
+            keys = torch.cat([k_head[:, :prompt], k_parts[2 * i + 1]], dim=1)
+            values = torch.cat([v_head[:, :prompt], v_parts[2 * i + 1]], dim=1)
+            # rejected token i sees the whole prompt and rejected tokens 0..i
+            allowed = torch.arange(prompt + rejected, device=q_row.device)[None, :] <= prompt + torch.arange(rejected, device=q_row.device)[:, None]
+            parts.append(F.scaled_dot_product_attention(q_parts[2 * i + 1], keys, values, attn_mask=allowed, dropout_p=dropout, scale=scaling))
+        parts.append(q_row.new_zeros(q_row.shape[0], length - end, q_row.shape[2]))
+        outputs.append(torch.cat(parts, dim=1))
+    return torch.stack(outputs).transpose(1, 2).contiguous(), None
 
 
 # Registered at import (mpo.forward imports this module) so that set_attn_implementation can name

@@ -119,9 +119,15 @@ def clip_grad_norm(accelerator, model: nn.Module, optimizer, max_norm: float) ->
         optimizer: the optimizer ``accelerator.prepare`` returned.
         max_norm: ``train.max_grad_norm``.
     """
+    # accelerate's wrapper holds the optimizer built here
+    return accelerator.clip_grad_norm_(stepped_parameters(model, optimizer.optimizer), max_norm)
+
+
+def stepped_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors whose gradients ``optimizer`` applies to ``model``'s trainable parameters: the
+    fp32 masters (their gradients loaded) under :class:`MasterWeightAdamW`, else the parameters."""
     parameters = [p for p in model.parameters() if p.requires_grad]
-    inner = optimizer.optimizer  # accelerate's wrapper holds the optimizer built here
-    if isinstance(inner, MasterWeightAdamW):
-        inner.load_gradients()
-        parameters = [inner.masters.get(p, p) for p in parameters]
-    return accelerator.clip_grad_norm_(parameters, max_norm)
+    if isinstance(optimizer, MasterWeightAdamW):
+        optimizer.load_gradients()
+        return [optimizer.masters.get(p, p) for p in parameters]
+    return parameters

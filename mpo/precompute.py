@@ -273,7 +273,7 @@ def compute(recipe: Recipe, out: Path | None) -> Path:
 
     from mpo.collate import build_collator
     from mpo.data import PreferenceDataset
-    from mpo.forward import PreferenceForward
+    from mpo.forward import PreferenceForward, text_only_vision
     from mpo.modeling import load_processor, load_reference
     from mpo.train import make_accelerator
     from mpo.validate import load_checked_records
@@ -295,7 +295,8 @@ def compute(recipe: Recipe, out: Path | None) -> Path:
         # Before loading: under ZeRO-3 the weights are partitioned as they load.
         hidden_size = text_hidden_size(recipe.model)
         configure_deepspeed(accelerator, recipe.train.micro_batch_size, 1, recipe.train.max_grad_norm, hidden_size)
-    reference = PreferenceForward(load_reference(recipe.model))
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}) if deepspeed else None
+    reference = PreferenceForward(load_reference(recipe.model), text_only_vision(accelerator.num_processes, zero, trained=False))
     if deepspeed:
         reference = prepare_deepspeed_reference(reference, accelerator)
     else:

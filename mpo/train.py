@@ -11,7 +11,8 @@ How it departs from the official InternVL/TRL MPO trainer:
    and :mod:`mpo.evaluate`).
 2. The SFT term defaults to the paper's per-response normalisation (``loss.sft_reduction``).
 3. The vision tower runs once per pair, and the reference reuses the policy's image features
-   when the vision tower and projector are frozen (``forward.dedupe_vision``).
+   when the vision tower and projector are frozen (``forward.dedupe_vision``); a text-only
+   micro-batch runs it only where the launch needs it (:func:`mpo.forward.text_only_vision`).
 4. The order of pairs is a pure function of (seed, step), so a resumed run sees exactly the pairs
    an uninterrupted one would, whatever the number of processes.
 """
@@ -41,11 +42,12 @@ from mpo.console import quiet_libraries, startup_summary
 from mpo.data import PreferenceDataset
 from mpo.errors import DataError, OverlongPair
 from mpo.evaluate import evaluate, improves, load_eval_records
-from mpo.forward import ForwardOutput, PreferenceForward
+from mpo.forward import ForwardOutput, PreferenceForward, text_only_vision
 from mpo.losses import MPOLoss, RewardShift
 from mpo.metrics import MetricsWriter, StepStats
 from mpo.modeling import count_parameters, load_policy, load_processor, load_reference, vision_is_frozen
-from mpo.precision import MasterWeightAdamW, check_precision, clip_grad_norm
+from mpo.optim import build_optimizer, zero_missing_gradients
+from mpo.precision import check_precision, clip_grad_norm
 from mpo.preflight import check_before_loading
 from mpo.reference import DisabledAdapterReference, FrozenModelReference
 from mpo.sampling import GlobalBatchOrder
@@ -81,34 +83,6 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         # The scheduler counts global optimizer steps (see train_step); accelerate's default would
         # step it once per process, decaying the rate N times too fast under N processes.
         step_scheduler_with_optimizer=False,
-    )
-
-
-def build_optimizer(model: torch.nn.Module, recipe: Recipe, master_weights: bool) -> torch.optim.Optimizer:
-    """AdamW; biases and norm weights (1-D parameters) get no weight decay, as in HF Trainer.
-
-    The vision tower and the projector get their own peak rate when ``train.vision_lr`` /
-    ``train.projector_lr`` are set; the scheduler scales every group by the same factor, and the
-    language model's rate comes first, so ``get_last_lr()[0]`` is the logged ``lr``. With
-    ``master_weights`` it steps fp32 copies of 16-bit weights (:mod:`mpo.precision`).
-    """
-    train = recipe.train
-    rates = {"language": train.lr, "vision": train.vision_lr or train.lr, "projector": train.projector_lr or train.lr}
-    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {(part, decay): [] for part in rates for decay in (True, False)}
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            part = "vision" if "vision_tower" in name else "projector" if "multi_modal_projector" in name else "language"
-            # A ZeRO-3 partitioned parameter is an empty 1-D placeholder; ds_shape is its real shape.
-            ndim = len(parameter.ds_shape) if hasattr(parameter, "ds_shape") else parameter.ndim
-            groups[part, ndim >= 2].append(parameter)
-    optimizer_class = MasterWeightAdamW if master_weights else torch.optim.AdamW
-    return optimizer_class(
-        # DeepSpeed drops an empty group (LoRA trains no 1-D weights), leaving the scheduler with
-        # more rates than groups; so no empty group is made.
-        [{"params": params, "lr": rates[part], "weight_decay": train.weight_decay if decay else 0.0}
-         for (part, decay), params in groups.items() if params],
-        lr=train.lr,
-        betas=(train.adam_beta1, train.adam_beta2),
     )
 
 
@@ -251,11 +225,14 @@ class MPOTrainer:
         policy_model = load_policy(recipe.model)
         self.trainable, self.total_params = count_parameters(policy_model)
         self.reuse_features = recipe.forward.dedupe_vision and vision_is_frozen(policy_model)
-        policy = PreferenceForward(policy_model)
+        self.zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}) if deepspeed else None
+        self.text_only_vision = text_only_vision(accelerator.num_processes, self.zero)
+        policy = PreferenceForward(policy_model, self.text_only_vision)
         if not deepspeed:
             policy.to(accelerator.device)  # fp32 masters are made where their weights live
         # DeepSpeed masters 16-bit weights itself; elsewhere the optimizer does.
-        optimizer = build_optimizer(policy, recipe, master_weights=not deepspeed and recipe.model.dtype != "float32")
+        master_weights = not deepspeed and recipe.model.dtype != "float32"
+        optimizer = build_optimizer(policy, recipe, master_weights, accelerator.device)
         scheduler = get_scheduler(
             train.lr_scheduler,
             optimizer,
@@ -284,7 +261,8 @@ class MPOTrainer:
             return self.precomputed
         if recipe.model.lora.enabled:
             return DisabledAdapterReference(self.accelerator.unwrap_model(self.policy), self.reuse_features)
-        reference = PreferenceForward(load_reference(recipe.model))
+        vision = text_only_vision(self.accelerator.num_processes, self.zero, trained=False)
+        reference = PreferenceForward(load_reference(recipe.model), vision)
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             from mpo.distributed import prepare_deepspeed_reference
 
@@ -343,6 +321,8 @@ class MPOTrainer:
             with accelerator.accumulate(self.policy):
                 policy_out, output = self.score(batch, delta)
                 accelerator.backward(output.loss)
+                if accelerator.sync_gradients and self.text_only_vision == "skip":
+                    zero_missing_gradients(self.policy)  # a step without images (mpo.optim)
                 if accelerator.sync_gradients:
                     grad_norm = clip_grad_norm(accelerator, self.policy, self.optimizer, self.recipe.train.max_grad_norm)
                 self.optimizer.step()

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from accelerate.state import AcceleratorState, GradientState
 
 from mpo.examples import write_tiny_mmpr
 from mpo.tiny_model import build_tiny_model
@@ -43,3 +44,12 @@ def escaping_annotation(tiny_mmpr_dir: Path, tmp_path: Path) -> Path:
     lines[2] = json.dumps({"image": ["../../../etc/passwd"], "question": "<image>\nQ", "chosen": "a", "rejected": "b"})
     annotation.write_text("\n".join(lines) + "\n")
     return annotation
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Resets accelerate's process-wide state after the test: TRL's trainer builds an Accelerator,
+    and a later test's Accelerator with other settings would be refused."""
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

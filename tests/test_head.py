@@ -14,7 +14,7 @@ from mpo.collate import collate_plain
 from mpo.config import DataConfig
 from mpo.data import PreferenceDataset, load_records
 from mpo.forward import PreferenceForward
-from mpo.head import Float32LMHead, _Float32Logits
+from mpo.head import Float32LMHead, _Float32Logits, _Float32TokenLogps
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +61,22 @@ def test_head_backward_is_the_gradient_of_its_forward():
     head = Float32LMHead(torch.nn.Parameter(weight.detach().float()), chunk=3)
     batched = hidden.detach().float().reshape(2, 2, 6)
     assert_close(head(batched), (batched @ head.weight.T), atol=1e-6, rtol=0)
+
+
+def test_token_log_probs_hold_no_vocabulary_sized_tensor_and_have_the_true_gradient():
+    """With targets, the head gives log_softmax(h W^T)[target] (float64 reference, targets in the
+    first, a middle and the last chunk of 10 rows taken 3 at a time), ``gradcheck`` passes, and
+    nothing saved for backward is as large as one row of logits per token (the old head kept the
+    [N, vocab] logits)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 9, 3, 4, 7])
+    expected = (hidden @ weight.T).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    assert_close(_Float32TokenLogps.apply(hidden, weight, targets, 3), expected, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda h, w: _Float32TokenLogps.apply(h, w, targets, 3), (hidden, weight))
+    head = Float32LMHead(torch.nn.Parameter(torch.randn(1000, 6)), chunk=64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        head(torch.randn(5, 6, requires_grad=True), targets=targets)
+    assert sorted(saved) == [5, 5, 30, 6000]  # targets, log-sum-exp, hidden states, the weight itself

@@ -141,16 +141,18 @@ def test_internvl3_1b_activations_by_hand():
     * language, per token and layer: 24h + 8m + 4 x heads + 8 = 60,480 bytes (h 896, m 4,864, 14
       heads), i.e. 1.38 MiB per token over 24 layers, + the padding mask, 2 x T^2 x 2 bytes per
       layer; the final norm 6h + 4 and the token id (8) per token;
-    * LM head: the 512 scored hidden states (2h) and their fp32 logits (4 x 151,674).
+    * LM head: the 512 scored hidden states (2h), their target ids (8) and log-sum-exps (4); its
+      backward one fp32 block of 512 x 16,384 recomputed logits and two fp32 copies of the states.
     """
-    recipe = load_recipe(REPO / "recipes" / "internvl3_1b_mpo.yaml", [f"model.name_or_path={CONFIG_1B}"])
+    recipe = load_recipe(REPO / "recipes" / "internvl3_1b_mpo.yaml", [f"model.name_or_path={CONFIG_1B}", "forward.layout=plain"])
     shape = MicroBatchShape(pairs=1, tiles=5, prompt_tokens=1344, chosen_tokens=256, rejected_tokens=256)
     parts = estimate_activations(recipe, AutoConfig.from_pretrained(CONFIG_1B), shape)
     per_tile = 24 * 1025 * ((10 * 1024 + 2 * 4096) * 2 + 16 + 64) + 3 * 448 * 448 * 2
     assert parts.vision == 5 * per_tile and per_tile / 2**30 == pytest.approx(0.85, abs=0.005)
     tokens = 2 * 1600
     assert parts.language == 24 * (60_480 * tokens + 2 * 1600 * 1600 * 2) + (6 * 896 + 4 + 8) * tokens
-    assert parts.head == 512 * (2 * 896 + 4 * 151_674)
+    assert parts.head == 512 * (2 * 896 + 12)
+    assert parts.transient == 4 * 512 * 16_384 + 8 * 896 * 512
 
 
 def test_cli_prints_every_stage_and_measures(tiny_model_dir, capsys):

@@ -169,7 +169,8 @@ def test_both_kernels_compute_the_attention_of_the_rule():
 
 
 def _token_logps(forward: PreferenceForward, batch) -> torch.Tensor:
-    """Per-token log-probs in scoring-index order, read from the LM head's output with a hook."""
+    """Per-token log-probs in scoring-index order: the LM head's output (called with the targets),
+    read with a hook."""
     captured = []
     handle = forward.model.lm_head.register_forward_hook(lambda module, args, output: captured.append(output))
     try:
@@ -177,7 +178,7 @@ def _token_logps(forward: PreferenceForward, batch) -> torch.Tensor:
             forward(batch)
     finally:
         handle.remove()
-    return captured[0].float().log_softmax(-1).gather(-1, batch.target_ids[:, None]).squeeze(-1)
+    return captured[0]
 
 
 def _separate_token_logps(model, pairs: list[EncodedPair]) -> torch.Tensor:

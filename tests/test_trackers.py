@@ -134,7 +134,7 @@ def test_console_is_one_summary_and_no_library_noise(tracked_run, tiny_model_dir
         "  data          19 pairs from 4 subset(s): shapes_pairs_vqa_correctness_rules 9, multi_pairs_vqa_correctness_rules 4, "
         "text_prefix_pair_sr0.5_wo_image 4, video_pairs_vqa_correctness_rules 2; 0 skipped",
         "  evaluation    5 held-out pairs, every 1 steps and after the last step",
-        "  layout        plain, vision once per pair",
+        "  layout        auto (shared_prefix, or packed where it removes padding), vision once per pair",
         "  reference     a frozen copy of the starting model",
         "  precision     weights float32, mixed precision no",
         "  processes     1 (one process)",
