@@ -17,11 +17,16 @@ $(BIN)/mpo: pyproject.toml
 
 setup: $(BIN)/mpo
 
+# The suite also races TRL's DPOTrainer (`mpo bench --against trl`), an optional extra.
+$(VENV)/.trl: $(BIN)/mpo
+	$(BIN)/pip install --quiet -e .[trl]
+	touch $(VENV)/.trl
+
 demo: setup
 	$(BIN)/mpo demo
 
 # pytest exits 5 when it collects nothing (e.g. `make test PYTEST_ARGS="-k nomatch"`): not a failure.
-test: setup
+test: $(VENV)/.trl
 	$(BIN)/python -m pytest $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 # The vLLM tests use $MPO_VLLM_VENV (default .cache/vllm-venv) and skip without it (CI requires it).
