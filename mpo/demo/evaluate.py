@@ -3,7 +3,8 @@
 A response counts as correct when the pipeline's v1 extraction finds a ``Final answer:`` and
 its judge (modes :data:`mpo.demo.stages.MATCH_MODES`) accepts it; an unparsable response counts
 as wrong. Generation goes through the pipeline's transformers backend, so a question is encoded
-exactly as it was when the training pairs were sampled.
+exactly as it was when the training pairs were sampled. The SFT model is also asked with the
+direct prompt (its whole response is the answer), the way most of its SFT targets were written.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mpo.demo.stages import MATCH_MODES, cot_prompt, write_jsonl
+from mpo.demo.stages import MATCH_MODES, cot_prompt, direct_prompt, write_jsonl
 
 
 @dataclass
@@ -33,20 +34,29 @@ class EvalResult:
         return self.correct / self.questions if self.questions else 0.0
 
 
-def judge_response(response: str, answer: str) -> tuple[str | None, str]:
-    """(extracted answer, ``correct`` | ``incorrect`` | ``unparsable``) by the pipeline's rules."""
+def judge_response(response: str, answer: str, direct: bool = False) -> tuple[str | None, str]:
+    """(extracted answer, ``correct`` | ``incorrect`` | ``unparsable``) by the pipeline's rules.
+
+    ``direct``: the response to the direct prompt, whose one line is the answer.
+    """
     from data_pipeline.extract import extract_answer
     from data_pipeline.match import judge
 
-    extraction = extract_answer(response, "final_answer")
-    if not extraction.ok:
-        return None, "unparsable"
-    correct = judge(extraction.answer, answer, MATCH_MODES).correct
-    return extraction.answer, "correct" if correct else "incorrect"
+    if direct:
+        extracted = response.strip()
+        if not extracted or "\n" in extracted:
+            return None, "unparsable"
+    else:
+        extraction = extract_answer(response, "final_answer")
+        if not extraction.ok:
+            return None, "unparsable"
+        extracted = extraction.answer
+    correct = judge(extracted, answer, MATCH_MODES).correct
+    return extracted, "correct" if correct else "incorrect"
 
 
 def evaluate(model_dir: Path, questions: list[dict], image_root: Path, out_path: Path,
-             max_new_tokens: int, batch_size: int, prompt: str, desc: str = "eval") -> EvalResult:
+             max_new_tokens: int, batch_size: int, prompt: str, desc: str = "eval", direct: bool = False) -> EvalResult:
     """Answers every question greedily and judges it; writes one JSON line per question.
 
     Args:
@@ -57,6 +67,7 @@ def evaluate(model_dir: Path, questions: list[dict], image_root: Path, out_path:
         max_new_tokens: generation budget per response.
         batch_size: questions per generate call.
         prompt: the chain-of-thought template the model was trained with (``v1`` or ``short``).
+        direct: ask with the direct prompt instead, and judge the whole response.
     """
     from data_pipeline.backends import GenerationRequest, SamplingParams, TransformersBackend
     from mpo.inputs import load_image
@@ -69,11 +80,11 @@ def evaluate(model_dir: Path, questions: list[dict], image_root: Path, out_path:
     with tqdm(total=len(ordered), desc=desc, unit="q", dynamic_ncols=True, mininterval=0.5) as bar:
         for start in range(0, len(ordered), batch_size):
             batch = ordered[start : start + batch_size]
-            requests = [GenerationRequest(question=cot_prompt(r["question"], prompt), images=(load_image(image_root / r["image"]),))
-                        for r in batch]
+            requests = [GenerationRequest(question=direct_prompt(r["question"]) if direct else cot_prompt(r["question"], prompt),
+                                          images=(load_image(image_root / r["image"]),)) for r in batch]
             for record, generation in zip(batch, backend.generate(requests, params)):
                 response = generation.texts[0]
-                extracted, status = judge_response(response, record["answer"])
+                extracted, status = judge_response(response, record["answer"], direct)
                 predictions.append({"id": record["id"], "kind": record["kind"], "answer": record["answer"],
                                     "response": response, "extracted": extracted, "status": status})
             bar.update(len(batch))

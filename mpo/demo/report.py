@@ -16,10 +16,13 @@ from pathlib import Path
 
 METHOD_LABELS = {
     "sft": "SFT model (stage 1)",
+    "sft_direct": "SFT model, direct prompt",
     "mpo": "MPO (0.8 DPO + 0.2 BCO + 1.0 SFT)",
     "dpo": "DPO alone (1/0/0)",
     "sft_chosen": "SFT on chosen (0/0/1)",
 }
+# One colour per method in every plot (matplotlib's default cycle, fixed per method).
+METHOD_COLOURS = {"sft": "C0", "mpo": "C1", "dpo": "C2", "sft_chosen": "C3", "sft_direct": "C7"}
 CURVE_METRICS = [
     "loss", "loss/dpo", "loss/bco", "loss/sft", "rewards/chosen", "rewards/rejected",
     "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "bco/delta",
@@ -38,6 +41,8 @@ class SeedResult:
     per_kind: dict[str, dict[str, float]] = field(default_factory=dict)
     unparsable: dict[str, int] = field(default_factory=dict)
     eval_questions: int = 0
+    sft_data: dict[str, int] = field(default_factory=dict)
+    """SFT lines per kind: ``describe``, ``cot`` and ``direct``."""
     sample_accuracy: float | None = None
     """Accuracy of the SFT model's K sampled responses on the train questions."""
     pairs: dict[str, int] = field(default_factory=dict)
@@ -150,33 +155,45 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_training_curves(result: SeedResult, path: Path) -> Path:
-    """One panel per logged metric, one line per training run of this seed."""
+def training_curves_figure(result: SeedResult):
+    """One panel per logged metric, one line per training run of this seed.
+
+    Each method keeps one colour and one name in every panel, also in panels where some runs log
+    nothing (the SFT stage has no ``loss/dpo`` or ``rewards/*``); the legend lists every run once,
+    under the title.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     runs = {name: read_metrics(run_dir) for name, run_dir in result.runs.items()}
     metrics = [m for m in CURVE_METRICS if any(m in row for rows in runs.values() for row in rows)]
     columns = 4
     rows = max(1, -(-len(metrics) // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False, layout="constrained")
     for axis, metric in zip(axes.flat, metrics):
         for name, lines in runs.items():
             points = [(row["step"], row[metric]) for row in lines if metric in row]
             if points:
-                axis.plot(*zip(*points), label=_short(name) if name != "sft" else "SFT (stage 1)", linewidth=1)
+                axis.plot(*zip(*points), label=_short(name), color=METHOD_COLOURS[name], linewidth=1)
         axis.set_title(metric)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(metrics):]:
         axis.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="upper center", ncol=len(labels), frameon=False)
-    figure.suptitle(f"training curves, seed {result.seed}", y=1.02)
-    figure.tight_layout()
-    figure.savefig(path, dpi=80, bbox_inches="tight")
+    handles = [Line2D([], [], color=METHOD_COLOURS[name], label=_short(name)) for name in runs]
+    figure.suptitle(f"training curves, seed {result.seed}")
+    figure.legend(handles=handles, loc="outside upper center", ncol=len(handles), frameon=False)
+    return figure
+
+
+def plot_training_curves(result: SeedResult, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure = training_curves_figure(result)
+    figure.savefig(path, dpi=80)
     plt.close(figure)
     return path
 
@@ -192,7 +209,7 @@ def plot_accuracy(results: list[SeedResult], path: Path) -> Path:
     figure, axis = plt.subplots(figsize=(7, 4))
     for index, method in enumerate(methods):
         values = [100 * r.accuracy[method] for r in results]
-        axis.bar(index, statistics.fmean(values), color=f"C{index}", alpha=0.7)
+        axis.bar(index, statistics.fmean(values), color=METHOD_COLOURS[method], alpha=0.7)
         axis.scatter([index] * len(values), values, color="black", s=12, zorder=3)
         axis.text(index, statistics.fmean(values) + 1, f"{statistics.fmean(values):.1f}", ha="center")
     axis.set_xticks(range(len(methods)), [_short(m) for m in methods])

@@ -90,9 +90,9 @@ def run_seed(settings: DemoSettings, seed: int, out: Path) -> SeedResult:
     result.majority_baseline = majority_baseline(task_records(task, "train")[0], test_questions)
     swapped_questions = swap_images(test_questions)
 
-    def run_eval(method: str, model_dir: Path) -> None:
+    def run_eval(method: str, model_dir: Path, direct: bool = False) -> None:
         evaluation = evaluate(model_dir, test_questions, task, out / "eval" / f"{method}.jsonl",
-                              settings.max_new_tokens, settings.eval_batch, settings.prompt, desc=f"eval {method}")
+                              settings.max_new_tokens, settings.eval_batch, settings.prompt, desc=f"eval {method}", direct=direct)
         if method in IMAGE_SWAP_METHODS:
             swapped = evaluate(model_dir, swapped_questions, task, out / "eval" / f"{method}_swapped_images.jsonl",
                                settings.max_new_tokens, settings.eval_batch, settings.prompt, desc=f"swap {method}")
@@ -104,13 +104,14 @@ def run_seed(settings: DemoSettings, seed: int, out: Path) -> SeedResult:
               f"({evaluation.unparsable} unparsable)", file=sys.stderr, flush=True)
 
     with _stage(timings, "SFT", 2, total, seed):
-        write_sft_data(task, out / "sft_data" / "sft.jsonl", settings.prompt)
+        result.sft_data = write_sft_data(task, out / "sft_data" / "sft.jsonl", settings.prompt, settings.cot_share, seed)
         sft_model = train(model, {"jsonl_path": str(out / "sft_data" / "sft.jsonl"), "image_root": str(task)},
                           out / "sft", LossWeights(0.0, 0.0, 1.0), settings.sft_steps, settings.sft_batch,
                           settings.sft_lr, settings.sft_warmup, settings, seed)
         result.runs["sft"] = str(out / "sft")
     with _stage(timings, "eval SFT", 3, total, seed):
         run_eval("sft", sft_model)
+        run_eval("sft_direct", sft_model, direct=True)
     with _stage(timings, "sample + pairs", 4, total, seed):
         built = build_pairs(sft_model, task, out / "pairs", settings, seed)
     result.pairs = built["subsets"]

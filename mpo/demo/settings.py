@@ -41,6 +41,9 @@ class DemoSettings:
     sft_steps: int = 800
     sft_batch: int = 16
     sft_lr: float = 1e-3
+    cot_share: float = 0.2
+    """Share of the SFT questions given their chain of thought; the rest get the direct prompt and
+    the bare answer (the paper's SFT mix, so that MPO has the model's own chains to improve)."""
     sft_warmup: float = 0.1
     """Warm-up share of the SFT steps. A from-scratch model given its full rate at once settles on
     the answers' prior and ignores the image (measured on counting alone, 100 steps at 1e-3: with 4
@@ -53,8 +56,8 @@ class DemoSettings:
     """Train questions to sample (0: all of them)."""
     num_samples: int = 6
     """K responses per checkable question."""
-    temperature: float = 1.0
-    max_new_tokens: int = 64
+    temperature: float = 0.7
+    max_new_tokens: int = 80
     sample_batch: int = 16
     """Questions per generate call (x K rows)."""
     max_pairs: int = 4
