@@ -2,13 +2,16 @@
 
 Part of ``mpo.demo.shapes`` (its docstring lists the families); import from there.
 
-Every chain opens with a tally in a fixed order ("red 2, green 1, blue 3." or "circles 2,
-squares 1, triangles 3."), the same tally the describe items teach, then does its arithmetic one
-operation per clause ("2 x 3 = 6."). The tally comes first because the demo model reads a fixed
-list of counts from the image far sooner than the one count a question asks for (measured: the
-listing reached every held-out count in 400 SFT steps, a single asked-for colour count stayed at
-the prior); after it, the question is answered from the text. ``mpo.demo.chains`` checks every
-clause of a chain against the scene.
+Every chain opens with the colour tally in a fixed order ("red 2, green 1, blue 3."), the same
+tally the describe items teach, then does its arithmetic one operation per clause ("2 x 3 = 6.").
+The tally comes first because the demo model reads a fixed list of counts from the image far
+sooner than the one count a question asks for (measured: the listing reached every held-out count
+in 400 SFT steps, a single asked-for colour count stayed at the prior); after it, the question is
+answered from the text. Questions ask about colours only: the shapes' kinds vary, but the demo
+model did not learn to tell them apart in its SFT budget (18 % of held-out kind tallies exactly
+right after 800 steps, against 100 % of colour tallies), and a family it cannot see would only
+add lucky guesses to the pairs. ``mpo.demo.chains`` checks every clause of a chain against the
+scene.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from mpo.demo._shapes_scene import COLOURS, SHAPES, Shape
+from mpo.demo._shapes_scene import COLOURS, Shape
 
 # Per-item values the weighted questions state ("red shapes are worth 3 points"): with 3-7 shapes
 # their answers range over 0-28, so a guessed final answer is rarely right.
@@ -49,16 +52,8 @@ class Question:
 # ---------------------------------------------------------------- tallies
 
 
-def plural(shape: str) -> str:
-    return f"{shape}s"
-
-
 def colour_counts(shapes: Sequence[Shape]) -> dict[str, int]:
     return {c: sum(s.colour == c for s in shapes) for c in COLOURS}
-
-
-def shape_counts(shapes: Sequence[Shape]) -> dict[str, int]:
-    return {plural(k): sum(s.shape == k for s in shapes) for k in SHAPES}
 
 
 def tally(counts: dict[str, int]) -> str:
@@ -67,8 +62,8 @@ def tally(counts: dict[str, int]) -> str:
 
 
 def describe(shapes: Sequence[Shape]) -> str:
-    """The describe items' reference: both tallies (what the model must read from the image)."""
-    return f"{tally(colour_counts(shapes))[:-1]}; {tally(shape_counts(shapes))}"
+    """The describe items' reference: the colour tally (what the model must read from the image)."""
+    return tally(colour_counts(shapes))
 
 
 def _sum_clauses(values: Sequence[int]) -> tuple[list[str], int]:
@@ -92,11 +87,6 @@ def _question(kind: str, text: str, counts: dict[str, int], clauses: Sequence[st
 def _count_colour(shapes: Sequence[Shape], rng: random.Random) -> list[Question]:
     counts = colour_counts(shapes)
     return [_question("count_colour", f"How many {c} shapes are there?", counts, [], n) for c, n in counts.items()]
-
-
-def _count_shape(shapes: Sequence[Shape], rng: random.Random) -> list[Question]:
-    counts = shape_counts(shapes)
-    return [_question("count_shape", f"How many {k} are there?", counts, [], n) for k, n in counts.items()]
 
 
 def _count_total(shapes: Sequence[Shape], rng: random.Random) -> list[Question]:
@@ -130,36 +120,27 @@ def _times(shapes: Sequence[Shape], rng: random.Random) -> list[Question]:
     return questions
 
 
-def _points(kind: str, counts: dict[str, int], nouns: Sequence[str], rng: random.Random) -> Question:
-    """A score over every counted item, one stated weight per noun, the nouns in tally order."""
-    weights = [rng.choice(WEIGHTS) for _ in nouns]
-    worth = [f"{w} point{'s' if w > 1 else ''}" for w in weights]
-    text = (f"{nouns[0].capitalize()} are worth {worth[0]}, {nouns[1]} {worth[1]} and {nouns[2]} {worth[2]}. "
-            "How many points are all the shapes worth?")
-    products = [n * w for n, w in zip(counts.values(), weights)]
-    clauses, total = _sum_clauses(products)
-    products_clauses = [f"{n} x {w} = {p}." for n, w, p in zip(counts.values(), weights, products)]
-    return _question(kind, text, counts, products_clauses + clauses, total)
-
-
 def _colour_points(shapes: Sequence[Shape], rng: random.Random) -> list[Question]:
-    return [_points("colour_points", colour_counts(shapes), [f"{c} shapes" for c in COLOURS], rng)]
-
-
-def _shape_points(shapes: Sequence[Shape], rng: random.Random) -> list[Question]:
-    return [_points("shape_points", shape_counts(shapes), [plural(k) for k in SHAPES], rng)]
+    """A score over every shape, one stated weight per colour, the colours in tally order."""
+    counts = colour_counts(shapes)
+    weights = {colour: rng.choice(WEIGHTS) for colour in counts}
+    first, second, third = (f"{colour} shapes{' are worth' if i == 0 else ''} {w} point{'s' if w > 1 else ''}"
+                            for i, (colour, w) in enumerate(weights.items()))
+    text = f"{first.capitalize()}, {second} and {third}. How many points are all the shapes worth?"
+    products = [counts[c] * w for c, w in weights.items()]
+    clauses, total = _sum_clauses(products)
+    products_clauses = [f"{counts[c]} x {w} = {p}." for (c, w), p in zip(weights.items(), products)]
+    return [_question("colour_points", text, counts, products_clauses + clauses, total)]
 
 
 _Family = Callable[[Sequence[Shape], random.Random], list[Question]]
 FAMILIES: dict[str, _Family] = {
     "count_colour": _count_colour,
-    "count_shape": _count_shape,
     "count_total": _count_total,
     "sum_colours": _sum_colours,
     "difference": _difference,
     "times": _times,
     "colour_points": _colour_points,
-    "shape_points": _shape_points,
 }
 
 

@@ -4,7 +4,7 @@ Launch::
 
     mpo demo                          # seed 0, the default preset (<= 15 minutes on 2 CPU cores)
     mpo demo --seeds 0 1 2            # three seeds, mean ± spread in the report
-    mpo demo --preset quick --out /tmp/demo   # every stage on a handful of questions (tests)
+    mpo demo --preset quick           # every stage on a handful of questions, into outputs/demo-quick
     mpo demo --set sft_steps=200 --set temperature=0.8   # any knob of mpo.demo.settings
 
 Per seed, under ``OUT/seed<N>/``:
@@ -37,8 +37,11 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from mpo.demo.report import METHOD_LABELS, SeedResult, accuracy_table, write_report
+from data_pipeline.pairs import CORRECTNESS_SUFFIX
+from mpo.demo.report import accuracy_table, write_report
+from mpo.demo.results import METHOD_LABELS, SeedResult
 from mpo.demo.settings import PRESETS, DemoSettings, apply_overrides
+from mpo.demo.stages import read_jsonl
 
 MARKER = ".mpo-demo"  # marks a directory this command made, so a rerun may replace it
 
@@ -68,11 +71,50 @@ def _fresh_dir(path: Path) -> Path:
     return path
 
 
+def pass_at_k(matched_path: Path) -> float:
+    """Share of sampled questions with at least one correct response among their K."""
+    records = read_jsonl(matched_path)
+    hits = sum(any(j["status"] == "correct" for j in r["judgements"]) for r in records)
+    return hits / len(records) if records else 0.0
+
+
+def chosen_responses(pairs_dir: Path, records: dict[str, dict]) -> list[tuple[str, dict]]:
+    """Each distinct (question, chosen response) of the correctness pairs, with its task record."""
+    seen = {}
+    for path in sorted((pairs_dir / "annotations").glob(f"*{CORRECTNESS_SUFFIX}.jsonl")):
+        for line in read_jsonl(path):
+            question_id = line["chosen_meta"]["id"]
+            seen[(question_id, line["chosen"])] = records[question_id]
+    return [(chosen, record) for (_, chosen), record in sorted(seen.items())]
+
+
+def default_out(preset: str) -> Path:
+    """Each preset's own folder, so a quick check never replaces the full demo's results."""
+    return Path("outputs/demo" if preset == "default" else f"outputs/demo-{preset}")
+
+
+def claim_out_dir(out: Path, preset: str, settings: DemoSettings, force: bool) -> None:
+    """Creates ``out`` and records what runs there; results of another preset or other settings
+    are replaced only with ``force``, and a folder ``mpo demo`` did not make never."""
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise SystemExit(f"error: {out} exists and was not made by `mpo demo`; choose another --out")
+    claim = {"preset": preset, "settings": settings.to_dict()}
+    if (out / MARKER).exists() and not force:
+        text = (out / MARKER).read_text()
+        previous = json.loads(text) if text.strip() else {"preset": "unknown (an earlier version)"}
+        if previous != claim:
+            raise SystemExit(f"error: {out} holds the results of `mpo demo --preset {previous['preset']}` with other settings; "
+                             "choose another --out, or pass --force to replace them")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps(claim, sort_keys=True) + "\n")
+
+
 def run_seed(settings: DemoSettings, seed: int, out: Path) -> SeedResult:
     """Every stage for one seed under ``out``; returns what the report needs."""
-    from mpo.demo.evaluate import IMAGE_SWAP_METHODS, changed_share, evaluate, majority_baseline, swap_images
+    from mpo.demo.chains import chain_shares
+    from mpo.demo.evaluate import IMAGE_SWAP_METHODS, by_kind, changed_share, evaluate, evaluate_tallies, majority_baseline, swap_images
     from mpo.demo.shapes import generate_shapes_task
-    from mpo.demo.stages import METHODS, LossWeights, build_model, build_pairs, task_records, train, write_sft_data
+    from mpo.demo.stages import DATASET, METHODS, LossWeights, build_model, build_pairs, task_records, train, write_sft_data
 
     out = _fresh_dir(out)
     result = SeedResult(seed=seed)
@@ -84,10 +126,11 @@ def run_seed(settings: DemoSettings, seed: int, out: Path) -> SeedResult:
                              grid=settings.grid,
                              families=[f for f in settings.families.split(',') if f])
         model = build_model(task, out / "model", settings, seed)
-    test_questions, _ = task_records(task, "test")
+    train_questions = task_records(task, "train")[0]
+    test_questions, test_describe = task_records(task, "test")
     result.eval_questions = len(test_questions)
-
-    result.majority_baseline = majority_baseline(task_records(task, "train")[0], test_questions)
+    result.majority_baseline = majority_baseline(train_questions, test_questions)
+    result.per_kind_baseline = {kind: majority_baseline(train_questions, group) for kind, group in by_kind(test_questions).items()}
     swapped_questions = swap_images(test_questions)
 
     def run_eval(method: str, model_dir: Path, direct: bool = False) -> None:
@@ -97,6 +140,14 @@ def run_seed(settings: DemoSettings, seed: int, out: Path) -> SeedResult:
             swapped = evaluate(model_dir, swapped_questions, task, out / "eval" / f"{method}_swapped_images.jsonl",
                                settings.max_new_tokens, settings.eval_batch, settings.prompt, desc=f"swap {method}")
             result.image_sensitivity[method] = changed_share(evaluation.predictions, swapped.predictions)
+            swapped_by_kind = by_kind(swapped.predictions)
+            result.per_kind_swap[method] = {kind: changed_share(group, swapped_by_kind[kind])
+                                            for kind, group in by_kind(evaluation.predictions).items()}
+            result.tallies[method] = evaluate_tallies(model_dir, test_describe, task, out / "eval" / f"{method}_tallies.jsonl",
+                                                      settings.max_new_tokens, settings.eval_batch, settings.prompt)
+        if not direct:
+            by_id = {r["id"]: r for r in test_questions}
+            result.eval_chains[method] = chain_shares([(p["response"], by_id[p["id"]]) for p in evaluation.predictions])
         result.accuracy[method] = evaluation.accuracy
         result.per_kind[method] = evaluation.per_kind
         result.unparsable[method] = evaluation.unparsable
@@ -115,8 +166,10 @@ def run_seed(settings: DemoSettings, seed: int, out: Path) -> SeedResult:
     with _stage(timings, "sample + pairs", 4, total, seed):
         built = build_pairs(sft_model, task, out / "pairs", settings, seed)
     result.pairs = built["subsets"]
-    checkable = built["summaries"]["shapes"]
-    result.sample_accuracy = checkable["datasets"]["shapes"]["accuracy"]
+    checkable = built["summaries"][DATASET]
+    result.sample_accuracy = checkable["datasets"][DATASET]["accuracy"]
+    result.pass_at_k = pass_at_k(out / "pairs" / "work" / DATASET / "matched.jsonl")
+    result.chosen_chains = chain_shares(chosen_responses(out / "pairs", {r["id"]: r for r in train_questions}))
     result.build = {key: sum(s[key] for s in built["summaries"].values())
                     for key in ("questions", "samples", "parse_failures", "all_correct", "all_wrong", "ntp_skipped", "ntp_identical")}
     for number, (method, weights) in enumerate(METHODS.items(), start=5):
@@ -132,10 +185,12 @@ def run_seed(settings: DemoSettings, seed: int, out: Path) -> SeedResult:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mpo demo", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
-    parser.add_argument("--out", default="outputs/demo", help="output directory (default: outputs/demo)")
+    parser.add_argument("--out", help="output directory (default: outputs/demo, or outputs/demo-PRESET for another preset)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (default: 0)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help="settings preset")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the results in --out even if they were made with another preset or settings")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default, one per core); 1 is faster on a machine other jobs keep busy")
     args = parser.parse_args(argv)
@@ -154,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # weight loading/saving bars would bury the stage bars
     hf_logging.set_verbosity_error()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out or default_out(args.preset))
+    claim_out_dir(out, args.preset, settings, args.force)
     wall, cpu, load = time.perf_counter(), _cpu_seconds(), os.getloadavg()[0]
     results = [run_seed(settings, seed, out / f"seed{seed}") for seed in args.seeds]
     total_wall, total_cpu = time.perf_counter() - wall, _cpu_seconds() - cpu

@@ -96,6 +96,11 @@ PRESETS: dict[str, DemoSettings] = {
 }
 
 
+# Presets that check every stage runs, on too few questions for their accuracies to mean anything:
+# their report says so and judges no target.
+STAGE_CHECK_PRESETS = frozenset({"quick"})
+
+
 def apply_overrides(settings: DemoSettings, overrides: list[str]) -> DemoSettings:
     """``["sft_steps=200", "temperature=0.8"]`` -> a copy with those fields replaced.
 

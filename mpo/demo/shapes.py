@@ -10,17 +10,16 @@ mid-grey, so every count is 0-7. Each image gets ``questions_per_image`` distinc
 questions, one family (``kind``) after another in a seeded order; every answer is a whole number:
 
     count_colour   How many red shapes are there?                                        -> 3
-    count_shape    How many circles are there?                                           -> 2
     count_total    How many shapes are there?                                            -> 6
     sum_colours    How many shapes are red or blue?                                      -> 4
     difference     How many more red shapes than blue shapes are there?                  -> 2
     times          Each red shape holds 4 coins. How many coins do the red shapes hold?  -> 12
     colour_points  Red shapes are worth 3 points, green shapes 1 point and blue shapes
                    2 points. How many points are all the shapes worth?                   -> 13
-    shape_points   (the same over circles, squares and triangles)                        -> 0-28
 
-plus one "describe" question per image, whose reference lists both tallies ("red 2, green 1,
-blue 3; circles 2, squares 1, triangles 3."): the perception every chain of thought starts from.
+plus one "describe" question per image, whose reference is the colour tally ("red 2, green 1,
+blue 3."): the perception every chain of thought starts from. Questions ask about colours only
+(``_shapes_questions.py`` says why); the kinds vary all the same.
 
 Layout written under OUT (images first, each JSONL last and atomically, so a killed run never
 leaves a half-written JSONL; stale files of an earlier, larger run in OUT are left alone)::
@@ -44,7 +43,7 @@ one arithmetic operation per clause), a newline, then ``Final answer: <answer>``
 v1 answer format).
 
 A line of ``<split>_describe.jsonl`` has the same keys with ``kind: "describe"``,
-``answer: null`` (nothing checkable: the pipeline routes it to Dropout-NTP) and the two tallies
+``answer: null`` (nothing checkable: the pipeline routes it to Dropout-NTP) and the colour tally
 as ``cot``, so an SFT stage reads ``cot`` from both files alike.
 
 ``question`` is raw: no ``<image>`` placeholder and no chain-of-thought instruction. The caller
@@ -82,7 +81,6 @@ from mpo.demo._shapes_questions import (
     colour_counts,
     describe,
     sample_questions,
-    shape_counts,
     tally,
 )
 from mpo.demo._shapes_scene import BACKGROUND, COLOURS, MAX_SHAPES, MIN_SHAPES, SHAPES, Shape, render_scene, sample_scene
@@ -90,15 +88,15 @@ from mpo.demo._shapes_scene import BACKGROUND, COLOURS, MAX_SHAPES, MIN_SHAPES, 
 __all__ = [
     "BACKGROUND", "COLOURS", "DESCRIBE_QUESTIONS", "FAMILIES", "MAX_QUESTIONS_PER_IMAGE", "MAX_SHAPES", "MIN_SHAPES",
     "SHAPES", "SPLITS", "WEIGHTS", "Question", "Shape", "colour_counts", "describe", "generate_shapes_task", "main",
-    "render_scene", "sample_questions", "sample_scene", "shape_counts", "tally",
+    "render_scene", "sample_questions", "sample_scene", "tally",
 ]
 
-# Every scene offers at least this many distinct questions (3 + 3 + 1 + 3 + 3 + 1 + 1, no difference).
-MAX_QUESTIONS_PER_IMAGE = 15
+# Every scene offers at least this many distinct questions (3 + 1 + 3 + 3 + 1, no difference).
+MAX_QUESTIONS_PER_IMAGE = 11
 SPLITS: tuple[str, ...] = ("train", "test")
 DESCRIBE_QUESTIONS: tuple[str, ...] = (
     "Describe the image.",
-    "Count the shapes in this image by colour and by kind.",
+    "Count the shapes in this image by colour.",
     "What do you see in this picture?",
 )
 
@@ -195,7 +193,7 @@ def generate_shapes_task(
         num_train_images: images in the train split (each gives ``questions_per_image`` lines
             of ``train.jsonl`` and one of ``train_describe.jsonl``).
         num_test_images: images in the test split, never sharing a scene with train.
-        questions_per_image: distinct checkable questions per image, 1 to 15.
+        questions_per_image: distinct checkable questions per image, 1 to 11.
         seed: the same seed gives byte-identical files.
         image_size: side of the square images in pixels (at least 32).
         grid: 0 places shapes anywhere; N > 0 centres each in its own cell of an N x N grid
