@@ -7,8 +7,14 @@
     mpo-data pair --matched matched.jsonl --ntp ntp.jsonl --image-root images/ --out-dir mmpr/
     mpo-data serve --model ckpt/ --port 8000
 
-Errors in the input (missing or corrupt image, malformed line, missing field) print one line
-naming the file, line and field, and exit with status 2; ``--skip-bad`` counts and lists them.
+Errors in the input (an image outside --image-root, missing, corrupt or larger than
+--max-image-pixels; a line that is not UTF-8 or not JSON; a missing field) print one line naming
+the file, line and field; ``--skip-bad`` counts and lists them instead. An input with no usable
+question, or a build that writes no pair, also ends in one line saying why.
+
+Exit codes (as mpo's): 0 done; 1 the job failed while running (a model or server that failed, an
+unexpected error); 2 usage or bad input (a flag, a value, an input line, no usable question, no
+pair written); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -21,7 +27,10 @@ import traceback
 from data_pipeline.backends import BackendError
 from data_pipeline.records import ResumeError
 from data_pipeline.sharding import ShardSpec
+from mpo.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED
+from mpo.config import MAX_IMAGE_PIXELS
 from mpo.errors import DataError
+from mpo.prompting import SYSTEM_PROMPT_CHOICES
 
 
 def _json_object(text: str) -> dict:
@@ -52,45 +61,55 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("input")
     g.add_argument("--input", required=True, help='JSONL: {"image" | "images", "question", "answer", optional "id", "dataset"}')
     g.add_argument("--image-root", help="directory image paths are relative to (default: the input file's directory)")
-    g.add_argument("--name", help="dataset name for lines without a 'dataset' field (default: the input file's stem)")
+    g.add_argument("--name", help="dataset name of lines without a 'dataset' field (default: the input file's stem)")
     g.add_argument("--skip-bad", action="store_true", help="skip and count bad input lines instead of stopping")
+    g.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help="largest image accepted (width x height); a larger one is a bad input (the trainer's data.max_image_pixels)")
 
 
 def add_prompt_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("prompt")
     g.add_argument("--prompt", default="v1", choices=["v1", "v2", "custom"],
                    help='v1: "Final answer: .."; v2: "Answer: \\boxed{}"; custom: --template')
-    g.add_argument("--template", help="custom CoT template containing {question}")
-    g.add_argument("--answer-format", choices=["final_answer", "boxed"], help="what a custom template asks for")
+    g.add_argument("--template", help="custom CoT template containing {question} (default: none; needed by --prompt custom)")
+    g.add_argument("--answer-format", choices=["final_answer", "boxed"],
+                   help="what a custom template asks for (default: none; needed by --prompt custom)")
+    g.add_argument("--system-prompt", default="auto", help=SYSTEM_PROMPT_CHOICES + " (written to meta.json for the trainer)")
 
 
 def add_generation_args(p: argparse.ArgumentParser, temperature: float) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=temperature)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--temperature", type=float, default=temperature, help="sampling temperature (0: greedy)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     g.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
-    g.add_argument("--max-new-tokens", type=int, default=1024)
-    g.add_argument("--max-tiles", type=int, default=6, help="InternVL max_dynamic_patch (12 for charts/documents)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=int, default=1024, help="longest response, in tokens")
+    g.add_argument("--max-tiles", type=int, default=6,
+                   help="InternVL max_dynamic_patch, shared by a prompt's images (12 for charts/documents)")
+    g.add_argument("--seed", type=int, default=0, help="seeds the sampling")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="questions per generate call (default 4; openai backend: questions in flight, default 2 x --concurrency)")
-    g.add_argument("--shard", type=_shard, default=ShardSpec(), help="i/N: this worker's share (0-based i)")
+                   help="questions per generate call; openai backend: questions in flight "
+                        "(default: 4; openai: 2 x --concurrency x servers)")
+    g.add_argument("--shard", type=_shard, default="0/1", help="i/N: this worker's share (0-based i)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     b = p.add_argument_group("backend")
-    b.add_argument("--backend", choices=["transformers", "openai"], default="transformers")
-    b.add_argument("--model", help="checkpoint directory (transformers backend)")
+    b.add_argument("--backend", choices=["transformers", "openai"], default="transformers",
+                   help="a local model, or an OpenAI-compatible server (vLLM, LMDeploy, SGLang)")
+    b.add_argument("--model", help="checkpoint directory (default: none; needed by --backend transformers)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     b.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float16, ...")
-    b.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    b.add_argument("--base-url", nargs="+", metavar="URL",
+                   help="OpenAI-compatible server(s), e.g. http://node1:8000/v1 http://node2:8000/v1: requests go to the "
+                        "least busy one and are retried on another (default: none; needed by --backend openai)")
     b.add_argument("--served-model", help="model name on the server (default: the first one it lists)")
     b.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    b.add_argument("--concurrency", type=int, default=8)
+    b.add_argument("--concurrency", type=int, default=8, help="requests in flight per server")
     b.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    b.add_argument("--retries", type=int, default=3)
+    b.add_argument("--retries", type=int, default=3, help="attempts after a failure (connection, timeout, 429, 5xx), each on the next server")
     b.add_argument("--samples-per-request", type=int, default=0,
                    help="split K samples into requests of this many (1 for servers without n); 0: one request")
     b.add_argument("--extra-body", type=_json_object, default={},
-                   help='JSON merged into every request, e.g. \'{"mm_processor_kwargs": {"max_dynamic_patch": 12}}\'')
+                   help='JSON merged into every request, e.g. \'{"repetition_penalty": 1.05}\' (the tile budget is '
+                        'sent as mm_processor_kwargs.max_patches already)')
 
 
 def add_match_args(p: argparse.ArgumentParser) -> None:
@@ -106,20 +125,27 @@ def add_pair_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--answer-fix", action="store_true", help="rewrite the chosen final answer to the ground truth")
 
 
-def add_ntp_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+def add_ntp_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("dropout-ntp")
-    g.add_argument(f"--{prefix}ratio", dest="ntp_ratio", type=_ratio, default=0.5, help="share of the chosen words kept")
-    g.add_argument(f"--{prefix}pairs-per-question", dest="ntp_pairs_per_question", type=int, default=1)
+    g.add_argument("--ntp-ratio", type=_ratio, default=0.5, help="share of the chosen words kept")
+    g.add_argument("--ntp-pairs-per-question", type=int, default=1, help="continuations per question without an answer")
 
 
-class Defaults(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default in --help."""
+class Defaults(argparse.HelpFormatter):
+    """Shows the default of every option that takes a value. Options without one (None) say in
+    their help what happens then; flags (off unless given) and required options show none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required or action.nargs == 0 or action.default in (None, argparse.SUPPRESS) or "(default" in text:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpo-data", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for unexpected errors")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("sample", formatter_class=Defaults, help="sample K CoT responses per question (resumable, shardable)")
@@ -131,9 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("match", formatter_class=Defaults, help="extract and judge each response")
     p.add_argument("--samples", nargs="+", required=True, help="sample logs (all shards)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="matched records (JSONL)")
     add_match_args(p)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("dropout-ntp", formatter_class=Defaults, help="continue half of a response without the image (resumable)")
     p.add_argument("--samples", nargs="+", required=True, help="sample logs (questions without an answer are used)")
@@ -145,10 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matched", required=True, help="output of match")
     p.add_argument("--ntp", nargs="*", default=[], help="continuation logs of dropout-ntp")
     p.add_argument("--image-root", required=True, help="written to meta.json as the subsets' root")
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", required=True, help="the MMPR directory (meta.json, annotations/)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the choice of pairs")
     p.add_argument("--ntp-ratio", type=_ratio, default=0.5, help="the ratio dropout-ntp used (names the subset)")
     p.add_argument("--resample-out", help="where all-wrong questions go (default: <matched>.resample.jsonl)")
+    p.add_argument("--max-tiles", type=int, default=None,
+                   help="the --max-tiles the samples were drawn with, for logs that do not record it (written to meta.json) (default: the budget each log line records)")
     add_pair_args(p)
 
     p = sub.add_parser("build", formatter_class=Defaults, help="sample, match, dropout-ntp and pair in one resumable run")
@@ -156,20 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_prompt_args(p)
     add_generation_args(p, temperature=1.0)
     p.add_argument("--num-samples", type=int, default=8, help="responses per question (K)")
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--out-dir", required=True, help="the MMPR directory; logs and summaries go to OUT_DIR/work/NAME")
     add_match_args(p)
     add_pair_args(p)
-    add_ntp_args(p, prefix="ntp-")
+    add_ntp_args(p)
 
-    p = sub.add_parser("serve", formatter_class=Defaults, help="OpenAI-compatible chat-completions server over a checkpoint")
+    p = sub.add_parser("serve", formatter_class=Defaults,
+                       help="OpenAI-compatible test server over a checkpoint (one generation at a time; use vLLM for throughput)")
     p.add_argument("--model", required=True, help="checkpoint directory")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on start)")
     p.add_argument("--served-model-name", help="name in /v1/models (default: the directory name)")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="default max_tokens")
-    p.add_argument("--max-tiles", type=int, default=6, help="default max_dynamic_patch")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-tiles", type=int, default=6, help="tile budget of a request without mm_processor_kwargs.max_patches")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float16, ...")
     p.add_argument("--verbose", action="store_true", help="log each request")
     return parser
 
@@ -180,18 +209,21 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return commands.run(args)
-    except (DataError, ResumeError, BackendError, ValueError) as error:
+    except (DataError, ResumeError, ValueError) as error:
         print(f"mpo-data: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except BackendError as error:
+        print(f"mpo-data: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("mpo-data: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 - one line for users, the traceback on request
         if args.debug:
             traceback.print_exc()
         else:
             print(f"mpo-data: unexpected error: {type(error).__name__}: {error} (rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

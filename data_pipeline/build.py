@@ -27,9 +27,10 @@ from data_pipeline.dropout_ntp import NTPSettings, continue_without_image, needs
 from data_pipeline.judging import MatchStats, match_records, merge_sample_logs
 from data_pipeline.mmpr import group_by_dataset, write_mmpr
 from data_pipeline.pairs import CORRECTNESS_SUFFIX, FORMAT_SUFFIX, PairStats, build_answer_pairs
-from data_pipeline.records import FileLock, Question, SampleRecord, read_log, split_skipped, write_json_atomic, write_jsonl_atomic
+from data_pipeline.records import DirectoryLock, Question, SampleRecord, read_log, split_skipped, write_json_atomic, write_jsonl_atomic
 from data_pipeline.sample import SampleSettings, sample_questions
 from data_pipeline.sharding import ShardSpec
+from mpo.config import MAX_IMAGE_PIXELS
 from mpo.errors import DataError
 
 
@@ -76,6 +77,27 @@ class Summary:
                          f"{self.ntp_identical} continuations identical to the chosen response")
         return "\n".join(lines)
 
+    @property
+    def pairs(self) -> int:
+        return sum(subset["pairs"] for subset in self.subsets.values())
+
+    def no_pairs_reason(self) -> str:
+        """Why a build wrote no pair, from its counts."""
+        if not self.questions:
+            return f"every input line is bad ({len(self.bad_inputs)} skipped)" if self.bad_inputs else "the input has no questions"
+        if self.samples and self.parse_failures == self.samples:
+            return (f"every response is unparsable ({self.samples} of {self.samples}): the model does not answer in the "
+                    "format the prompt asks for (see --prompt / --template)")
+        checkable = sum(d["checkable_questions"] for d in self.datasets.values())
+        if checkable and self.all_correct == checkable:
+            return f"every response is right: all {checkable} question(s) are all-correct, which gives no pairs"
+        if checkable and self.all_wrong == checkable:
+            return f"no response is right: all {checkable} question(s) are all-wrong (written for re-sampling to {self.resample_path})"
+        return (f"{self.all_correct} question(s) all-correct, {self.all_wrong} all-wrong, "
+                f"{sum(d['substring_skipped'] for d in self.datasets.values())} pair(s) skipped as substrings, "
+                f"{sum(d['empty_responses'] for d in self.datasets.values())} empty response(s), "
+                f"{self.ntp_skipped} Dropout-NTP question(s) without a response long enough to cut")
+
 
 def dataset_summary(match_stats: dict[str, MatchStats], pair_stats: dict[str, PairStats]) -> dict[str, dict]:
     out = {}
@@ -90,9 +112,38 @@ def dataset_summary(match_stats: dict[str, MatchStats], pair_stats: dict[str, Pa
     return out
 
 
+def tile_budget(matched: list[SampleRecord], fallback: int | None) -> int:
+    """The tile budget the records were sampled with; ``fallback`` for logs too old to say."""
+    budgets = sorted({r.max_tiles for r in matched if r.max_tiles is not None})
+    if len(budgets) > 1:
+        raise DataError(f"the responses were sampled with different tile budgets ({', '.join(map(str, budgets))}); "
+                        "pair each budget's logs separately", field="max_tiles")
+    if budgets:
+        return budgets[0]
+    if fallback is None:
+        raise DataError("the records do not say which --max-tiles they were sampled with (written by an older "
+                        "mpo-data); pass --max-tiles", field="max_tiles")
+    return fallback
+
+
+def sampled_system_prompt(records: list[SampleRecord], dataset: str) -> str | None:
+    """The one system message a dataset's responses were sampled with; mixed logs are refused."""
+    found = {r.system_prompt for r in records if r.dataset == dataset}
+    if len(found) > 1:
+        raise DataError(f"the sample logs of dataset {dataset!r} were sampled with {len(found)} different system messages "
+                        f"({', '.join(sorted(repr(f) for f in found))}); pair logs sampled with one --system-prompt")
+    return found.pop()
+
+
 def assemble(matched: list[SampleRecord], ntp_records: list[dict], match_stats: dict[str, MatchStats], out_dir: Path,
-             image_root: Path, resample_path: Path, pair_settings: PairSettings, ntp_ratio: float) -> Summary:
-    """Pairs, annotations, meta.json, the re-sample file and the summary, from judged records."""
+             image_root: Path, resample_path: Path, pair_settings: PairSettings, ntp_ratio: float,
+             max_tiles: int | None) -> Summary:
+    """Pairs, annotations, meta.json, the re-sample file and the summary, from judged records.
+
+    Args:
+        max_tiles: the sampling tile budget, for records that do not carry it (older logs).
+    """
+    budget = tile_budget(matched, max_tiles)
     answer_pairs = build_answer_pairs(matched, pair_settings.max_pairs, pair_settings.seed, pair_settings.answer_fix)
     by_id = {r.id: r for r in matched}
     unknown = [r["id"] for r in ntp_records if r["id"] not in by_id]
@@ -100,18 +151,21 @@ def assemble(matched: list[SampleRecord], ntp_records: list[dict], match_stats: 
         raise DataError(f"Dropout-NTP log holds ids that no sample record has (e.g. {unknown[0]!r}); wrong --samples/--ntp pairing?")
     ntp, identical = ntp_pairs(by_id, ntp_records)
     subsets: dict[str, list] = {}
+    system_prompts: dict[str, str | None] = {}
     ntp_suffix = subset_suffix(ntp_ratio)
     for dataset in match_stats:
         # Every dataset's subsets are named, empty or not, so a stale file from a run with
         # other settings is removed instead of lingering in meta.json.
-        subsets[dataset + CORRECTNESS_SUFFIX] = []
-        subsets[dataset + FORMAT_SUFFIX] = []
+        names = [dataset + CORRECTNESS_SUFFIX, dataset + FORMAT_SUFFIX]
         if any(r.dataset == dataset and needs_ntp(r) for r in matched):
-            subsets[dataset + ntp_suffix] = []
+            names.append(dataset + ntp_suffix)
+        system_prompt = sampled_system_prompt(matched, dataset)
+        for name in names:
+            subsets[name], system_prompts[name] = [], system_prompt
     for suffix, pairs in ((CORRECTNESS_SUFFIX, answer_pairs.correctness), (FORMAT_SUFFIX, answer_pairs.format), (ntp_suffix, ntp)):
         for name, group in group_by_dataset(pairs, suffix).items():
             subsets[name] = group
-    report = write_mmpr(out_dir, image_root, subsets)
+    report = write_mmpr(out_dir, image_root, subsets, budget, system_prompts)
     write_jsonl_atomic(resample_path, answer_pairs.resample)
     summary = Summary(
         questions=sum(m.questions for m in match_stats.values()),
@@ -173,15 +227,16 @@ def run_build(
     shard: ShardSpec = ShardSpec(),
     skip_bad: bool = False,
     progress: bool = True,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> Summary | None:
     """Runs every stage; returns the summary, or None when other shards still have work."""
     # Inputs skipped here land in the log as "skipped" records, which the summary reads back.
     sample_questions(questions, image_root, backend, sample_settings, paths.sample_log(shard),
-                                     shard, skip_bad, progress)
+                     shard, skip_bad, progress, max_image_pixels)
     sampled, _ = split_skipped(read_log(paths.sample_log(shard)))
     continue_without_image(sampled, backend, ntp_settings, paths.ntp_log(shard), shard, progress)
 
-    with FileLock(paths.work_dir / ".finalize.lock"):
+    with DirectoryLock(paths.work_dir):
         missing, sample_logs, ntp_records = _missing(paths, shard, questions)
         if missing:
             return None
@@ -194,7 +249,7 @@ def run_build(
         matched, match_stats = match_records(records, modes, threshold, progress)
         write_jsonl_atomic(paths.work_dir / "matched.jsonl", (r.to_json() for r in matched))
         summary = assemble(matched, ntp_records, match_stats, paths.out_dir, image_root, paths.work_dir / "resample.jsonl",
-                           pair_settings, ntp_settings.ratio)
+                           pair_settings, ntp_settings.ratio, sample_settings.params.max_tiles)
         summary.bad_inputs = [b["message"] for b in bad]
         write_json_atomic(paths.work_dir / "summary.json", asdict(summary))
     return summary

@@ -8,13 +8,15 @@ import sys
 from pathlib import Path
 
 from data_pipeline.backends import SamplingParams, model_identity
-from data_pipeline.build import BuildPaths, PairSettings, assemble, run_build
+from data_pipeline.build import BuildPaths, PairSettings, Summary, assemble, run_build
 from data_pipeline.dropout_ntp import NTPSettings, continue_without_image
 from data_pipeline.judging import match_records, merge_sample_logs, tally
 from data_pipeline.match import parse_modes
 from data_pipeline.prompts import get_template
 from data_pipeline.records import SampleRecord, iter_jsonl, read_log, read_questions, split_skipped, write_jsonl_atomic
 from data_pipeline.sample import SampleSettings, sample_questions
+from mpo.errors import DataError
+from mpo.prompting import resolve_system_prompt
 
 
 class LazyBackend:
@@ -36,7 +38,7 @@ class LazyBackend:
     def describe(self) -> dict:
         if self.args.backend == "transformers":
             return {"backend": "transformers", "model": model_identity(self.args.model)}
-        return {"backend": "openai", "model": self.args.served_model or self.args.base_url,
+        return {"backend": "openai", "model": self.args.served_model or sorted(self.args.base_url),
                 "extra_body": self.args.extra_body, "samples_per_request": self.args.samples_per_request}
 
     def generate(self, requests, params):
@@ -46,11 +48,15 @@ class LazyBackend:
 
     def close(self) -> None:
         if self._backend is not None:
+            if self.args.backend == "openai" and len(self._backend.endpoints) > 1:
+                spread = ", ".join(f"{url}: {count}" for url, count in zip(self._backend.endpoints, self._backend.answered))
+                _log(f"requests answered per server: {spread}")
             self._backend.close()
 
 
 def make_backend(args: argparse.Namespace):
-    from data_pipeline.backends import OpenAIBackend, TransformersBackend
+    from data_pipeline.backends import TransformersBackend
+    from data_pipeline.openai_client import OpenAIBackend
 
     if args.backend == "transformers":
         return TransformersBackend(args.model, device=args.device, dtype=args.dtype)
@@ -67,7 +73,7 @@ def _batch_size(args: argparse.Namespace) -> int:
     if args.batch_size is not None:
         return args.batch_size
     # A local model batches what it is given; a server batches across requests, so keep it busy.
-    return 4 if args.backend == "transformers" else 2 * max(1, args.concurrency)
+    return 4 if args.backend == "transformers" else 2 * max(1, args.concurrency) * len(args.base_url)
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -80,7 +86,8 @@ def _sample_settings(args: argparse.Namespace) -> SampleSettings:
     if args.num_samples < 1:
         raise ValueError("--num-samples must be at least 1")
     template = get_template(args.prompt, args.template, args.answer_format)
-    return SampleSettings(template, args.num_samples, _sampling(args), args.seed, _batch_size(args))
+    return SampleSettings(template, args.num_samples, _sampling(args), args.seed, _batch_size(args),
+                          resolve_system_prompt(args.system_prompt))
 
 
 def _ntp_settings(args: argparse.Namespace) -> NTPSettings:
@@ -91,10 +98,21 @@ def _questions(args: argparse.Namespace):
     source = Path(args.input)
     name = args.name or source.stem
     image_root = Path(args.image_root) if args.image_root else source.parent
+    if args.max_image_pixels < 1:
+        raise ValueError("--max-image-pixels must be at least 1")
     questions, bad_lines = read_questions(source, name, args.skip_bad)
     for error in bad_lines:
         _log(f"skipped: {error}")
+    if not questions:
+        reason = f"every line is bad ({len(bad_lines)} skipped, listed above)" if bad_lines else "the file has no questions"
+        raise DataError(f"nothing to do: {reason}", file=str(source))
     return questions, bad_lines, image_root, name
+
+
+def _require_pairs(summary: Summary, source: str) -> None:
+    """A build that wrote no pair fails, saying why (the summary printed above has the counts)."""
+    if not summary.pairs:
+        raise DataError(f"wrote 0 pairs: {summary.no_pairs_reason()}", file=source)
 
 
 def _read_logs(paths: list[str]) -> list[tuple[str, list[dict]]]:
@@ -109,11 +127,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     backend = LazyBackend(args)
     try:
         stats, bad = sample_questions(questions, image_root, backend, _sample_settings(args), args.out, args.shard,
-                                      args.skip_bad, not args.no_progress)
+                                      args.skip_bad, not args.no_progress, args.max_image_pixels)
     finally:
         backend.close()
     _log(f"sample: {stats.items} questions in shard {args.shard.tag}: {stats.already_done} were done, "
          f"{stats.written} written now; {len(bad_lines) + len(bad)} bad inputs skipped -> {args.out}")
+    if stats.samples:
+        _log(f"sample: {stats.samples} samples in {stats.generation_seconds:.1f} s of generation: "
+             f"{stats.samples / stats.generation_seconds:.2f} samples/s ({args.backend} backend)")
     return 0
 
 
@@ -143,14 +164,17 @@ def cmd_dropout_ntp(args: argparse.Namespace) -> int:
 
 def cmd_pair(args: argparse.Namespace) -> int:
     matched = [SampleRecord.from_json(value) for _, value in iter_jsonl(args.matched)]
+    if not matched:
+        raise DataError("no judged records to pair", file=args.matched)
     ntp_records = [r for _, records in _read_logs(args.ntp) for r in records]
     stats = tally(matched)
     out_dir = Path(args.out_dir)
     matched_path = Path(args.matched)
     resample = Path(args.resample_out) if args.resample_out else matched_path.with_name(matched_path.stem + ".resample.jsonl")
     summary = assemble(matched, ntp_records, stats, out_dir, Path(args.image_root), resample,
-                       PairSettings(args.max_pairs, args.seed, args.answer_fix), args.ntp_ratio)
+                       PairSettings(args.max_pairs, args.seed, args.answer_fix), args.ntp_ratio, args.max_tiles)
     print(summary.render())
+    _require_pairs(summary, args.matched)
     return 0
 
 
@@ -162,7 +186,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         summary = run_build(
             questions, bad_lines, image_root, paths, backend, _sample_settings(args), _ntp_settings(args),
             PairSettings(args.max_pairs, args.seed, args.answer_fix), parse_modes(args.mode), args.threshold,
-            args.shard, args.skip_bad, not args.no_progress,
+            args.shard, args.skip_bad, not args.no_progress, args.max_image_pixels,
         )
     finally:
         backend.close()
@@ -171,6 +195,7 @@ def cmd_build(args: argparse.Namespace) -> int:
              f"writes {paths.out_dir}/meta.json (rerunning any shard's command after all finished does it too).")
         return 0
     print(summary.render())
+    _require_pairs(summary, args.input)
     print(f"wrote {paths.out_dir / 'meta.json'}")
     return 0
 
@@ -185,6 +210,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host, port = server.server_address[:2]
     # Tests and scripts read this line to learn the port chosen for --port 0.
     print(f"serving {name} on http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
+    print("mpo-data serve is a test server: it generates one request at a time; sample with vLLM, LMDeploy or SGLang "
+          "for throughput", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

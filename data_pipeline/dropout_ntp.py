@@ -81,8 +81,10 @@ def choose_responses(record: SampleRecord, settings: NTPSettings) -> list[tuple[
 
 
 def continuation_request(record: SampleRecord, prefix: str, seed: int) -> GenerationRequest:
-    """The text-only request: no images, placeholders removed, the prefix opening the answer."""
-    return GenerationRequest(question=drop_image_placeholders(record.prompt), assistant_prefix=prefix, num_samples=1, seed=seed)
+    """The text-only request: no images, placeholders removed, the system message the response was
+    sampled with, and the prefix opening the answer (a final assistant message, continued)."""
+    return GenerationRequest(question=drop_image_placeholders(record.prompt), system_prompt=record.system_prompt,
+                             assistant_prefix=prefix, num_samples=1, seed=seed)
 
 
 def continue_without_image(

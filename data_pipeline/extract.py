@@ -3,10 +3,16 @@
 A response that fails the checks is *unparsable*: it joins the format-negative set (rejected in
 the ``_pairs_vqa_format_rules`` subset) instead of being judged right or wrong.
 
-* ``final_answer`` (prompt v1): the last ``Final answer:`` (``Final Answer:`` accepted), at most
-  two triggers in the response, a non-empty rationale before the last one, and a non-empty
-  single-line answer after it.
-* ``boxed`` (prompt v2): the content of the last ``\\boxed{...}``, braces balanced, non-empty.
+* ``final_answer`` (prompt v1): the last answer trigger, at most two of them in the response, a
+  non-empty rationale before the last one, and a non-empty single-line answer after it. The
+  triggers are the official pipeline's, tried in order, the first found being the response's:
+  ``Final answer:``, ``Final Answer:``, then the Chinese prompt's ``答案:``, also with the
+  full-width colon ``答案：`` its answers often use (``最终答案：`` ends in it too). Other
+  phrasings and languages (``final answer:``, ``Réponse finale :``) are unparsable.
+  (The official code further asks for two line breaks in the response; a one-line rationale is
+  accepted here.)
+* ``boxed`` (prompt v2, and the Chinese ``答案：\\boxed{}`` variant): the content of the last
+  ``\\boxed{...}``, braces balanced, non-empty.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_TRIGGERS = 2  # more than two "Final answer:" means the model looped; the official rule
+ANSWER_TRIGGERS = ("Final answer:", "Final Answer:", "答案:", "答案：")
 
 
 @dataclass(frozen=True)
@@ -42,26 +49,24 @@ def _strip_span(text: str, start: int, end: int, chars: str) -> tuple[int, int]:
 
 
 def extract_final_answer(response: str) -> Extraction:
-    """Prompt v1: ``... rationale ... Final answer: X``."""
-    trigger = "Final answer:"
-    if trigger not in response:
-        trigger = "Final Answer:"
+    """Prompt v1: ``... rationale ... Final answer: X`` (or a trigger of :data:`ANSWER_TRIGGERS`)."""
+    trigger = next((t for t in ANSWER_TRIGGERS if t in response), None)
+    if trigger is None:
+        return Extraction(None, "no answer trigger ('Final answer:' or '答案:')")
     count = response.count(trigger)
-    if count == 0:
-        return Extraction(None, "no 'Final answer:'")
     if count > MAX_TRIGGERS:
-        return Extraction(None, f"{count} 'Final answer:' triggers (at most {MAX_TRIGGERS})")
+        return Extraction(None, f"{count} {trigger!r} triggers (at most {MAX_TRIGGERS})")
     position = response.rfind(trigger)
     # Markdown bold around the trigger ("**Final answer:** X") is formatting, not rationale/answer.
     rationale = response[:position].rstrip().rstrip("*")
     if not rationale.strip():
-        return Extraction(None, "no rationale before 'Final answer:'")
+        return Extraction(None, f"no rationale before {trigger!r}")
     start, end = _strip_span(response, position + len(trigger), len(response), " \t\r\n*")
     answer = response[start:end]
     if not answer:
-        return Extraction(None, "empty answer after 'Final answer:'")
+        return Extraction(None, f"empty answer after {trigger!r}")
     if "\n" in answer:
-        return Extraction(None, "answer after 'Final answer:' spans several lines")
+        return Extraction(None, f"answer after {trigger!r} spans several lines")
     return Extraction(answer, None, start, end)
 
 

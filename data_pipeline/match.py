@@ -7,11 +7,14 @@ a list) is above :data:`CORRECT_THRESHOLD`. Case-insensitive exact match is alwa
 Modes:
     exact     case-insensitive string equality.
     option    option letters: ``A``, ``A.``, ``(A)``, ``A)``, ``A: text`` all read as ``A``.
-    numeric   numbers within 1e-3 relative tolerance after stripping units (°, %, cm, degrees)
-              and thousands separators.
-    math      symbolic equivalence (``\\frac{1}{2}`` = ``0.5`` = ``1/2``) by the math-verify library.
+    numeric   numbers after stripping units (°, %, cm, degrees) and thousands separators: an
+              integer ground truth (``12``, ``2018``, ``3.0``) must be met exactly, a non-integer
+              one within 1e-3 relative tolerance.
+    math      symbolic equivalence (``\\frac{1}{2}`` = ``0.5`` = ``1/2``) by the math-verify library;
+              two plain numbers are compared by the numeric rule instead.
     vqa       equality after the VQA-score answer normalisation (case, punctuation, articles,
-              number words, contractions).
+              number words, contractions), except that signs and operators (``- + = / < >``)
+              are kept: ``-3`` is not ``3``, ``x-1`` is not ``x+1``.
     relaxed   relaxed accuracy (ChartQA): numbers within 5 %, otherwise exact; years exact.
     anls      1 - normalised edit distance, 0 below the ANLS threshold (0.5) (DocVQA, InfoVQA).
 """
@@ -120,9 +123,20 @@ def _within(prediction: float, truth: float, tolerance: float) -> bool:
     return abs(prediction - truth) <= tolerance * abs(truth)
 
 
+def numbers_match(prediction: float, truth: float) -> bool:
+    """An integer truth exactly (1001 is not 1000, 2018 is not 2020); else within 1e-3 relative.
+
+    Integer ground truths are counts, years, indices and sizes, where "close" is wrong; the
+    tolerance is for rounded measurements and fractions (0.333 for 1/3).
+    """
+    if truth.is_integer():
+        return prediction == truth
+    return _within(prediction, truth, NUMERIC_TOLERANCE)
+
+
 def numeric_score(prediction: str, truth: str) -> float:
     p, t = parse_number(prediction), parse_number(truth)
-    return float(p is not None and t is not None and _within(p, t, NUMERIC_TOLERANCE))
+    return float(p is not None and t is not None and numbers_match(p, t))
 
 
 def relaxed_score(prediction: str, truth: str) -> float:
@@ -168,6 +182,10 @@ def math_score(prediction: str, truth: str) -> float:
 
     if not re.search(r"[0-9]", truth) and "\\" not in truth:
         return 0.0  # no number and no LaTeX: a word answer, where "symbolic equality" misfires
+    plain_prediction, plain_truth = parse_number(prediction, strip_units=False), parse_number(truth, strip_units=False)
+    if plain_prediction is not None and plain_truth is not None:
+        # math-verify rounds floats (2.0000001 = 2.0); plain numbers follow the numeric rule.
+        return float(numbers_match(plain_prediction, plain_truth))
     gold, guess = _math_parse(truth), _math_parse(prediction)
     if not gold or not guess:
         return 0.0
@@ -192,18 +210,28 @@ _CONTRACTIONS = {
     "wasnt": "wasn't", "werent": "weren't", "whats": "what's", "wont": "won't", "wouldnt": "wouldn't",
     "youre": "you're", "im": "i'm", "ive": "i've", "oclock": "o'clock",
 }
-_PUNCTUATION = set(";/[]\"{}()=+\\_-><@`,?!")
+# The EvalAI processor's punctuation list without its signs and operators, which it also turns
+# into spaces: that made "-3" read as "3", "x-1" as "x+1" and "2+3" as "2/3".
+_PUNCTUATION = set(";[]\"{}()\\_@`,?!")
+_OPERATOR_SPACING = re.compile(r"\s*([-+=/<>])\s*")
+# A hyphen or slash between two words ("red-white", "black/white") joins words, not operands.
+_WORD_JOINER = re.compile(r"(?<=[^\W\d_]{2})[-/](?=[^\W\d_]{2})")
 
 
 def vqa_normalize(text: str) -> str:
-    """The VQA-score answer normalisation (the EvalAI processor's rules).
+    """The VQA-score answer normalisation (the EvalAI processor's rules), signs and operators kept.
 
-    Lowercase; drop commas between digits and periods not before a digit; punctuation becomes a
-    space when it glues words together and vanishes when it stands next to a space; number words
-    become digits; articles go; missing apostrophes are restored.
+    Lowercase; drop thousands separators (``1,000``) and periods not before a digit; the
+    operators ``- + = / < >`` stay, without the spaces around them (``x + 1`` = ``x+1``), except
+    a hyphen or slash between two words, which becomes a space as in EvalAI; other punctuation
+    becomes a space when it glues words together and vanishes when it stands next to a space;
+    number words become digits; articles go; missing apostrophes are restored.
     """
     text = text.replace("\n", " ").replace("\t", " ").strip().lower()
-    text = re.sub(r"(?<=\d),(?=\d)", "", text)
+    # Only a thousands separator: "1,2" is a list (EvalAI's rule would read it as 12).
+    text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)
+    text = _OPERATOR_SPACING.sub(r"\1", text)
+    text = _WORD_JOINER.sub(" ", text)
     out = []
     for index, char in enumerate(text):
         if char in _PUNCTUATION:

@@ -1,9 +1,14 @@
 """The MMPR layout the trainer reads: ``annotations/<subset>.jsonl`` and ``meta.json``.
 
 ``meta.json`` maps each subset name to ``{"root": image dir, "annotation": jsonl path,
-"repeat_time": 1.0, "length": lines}`` (paths absolute, so the trainer can run from anywhere).
-Several builds may write into one output directory (one per input file, or per shard finisher):
-each updates only its own entries, under a lock, and every file is replaced atomically.
+"repeat_time": 1.0, "length": lines, "max_dynamic_patch": tiles, "system_prompt": text | null}``
+(paths absolute, so the trainer can run from anywhere; ``max_dynamic_patch`` is the tile budget the
+responses were sampled with, so training tiles the images as the model saw them, and
+``system_prompt`` the system message they were sampled with, which the trainer then renders its
+prompts with). Several builds may write into one output directory (one per input file, or per
+shard finisher): each updates only its own entries, under a lock, and every file is replaced
+atomically. A ``meta.json`` left with no subset is removed rather than written as ``{}`` (which
+the trainer would refuse).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data_pipeline.pairs import Pair, deduplicate
-from data_pipeline.records import FileLock, write_json_atomic, write_jsonl_atomic
+from data_pipeline.records import DirectoryLock, write_json_atomic, write_jsonl_atomic
 from mpo.errors import DataError
 
 
@@ -38,7 +43,7 @@ def update_meta(out_dir: str | os.PathLike, entries: dict[str, dict | None]) -> 
     """Sets (or, for None, removes) subset entries in ``meta.json``; returns the whole mapping."""
     out_dir = Path(out_dir)
     meta_path = out_dir / "meta.json"
-    with FileLock(out_dir / ".meta.json.lock"):
+    with DirectoryLock(out_dir):
         meta = {}
         if meta_path.exists():
             try:
@@ -50,21 +55,32 @@ def update_meta(out_dir: str | os.PathLike, entries: dict[str, dict | None]) -> 
                 meta.pop(name, None)
             else:
                 meta[name] = entry
-        write_json_atomic(meta_path, dict(sorted(meta.items())))
+        if meta:
+            write_json_atomic(meta_path, dict(sorted(meta.items())))
+        else:
+            meta_path.unlink(missing_ok=True)
     return meta
 
 
-def meta_entry(image_root: str | os.PathLike, annotation: Path, length: int) -> dict:
-    return {"root": os.path.abspath(image_root), "annotation": os.path.abspath(annotation), "repeat_time": 1.0, "length": length}
+def meta_entry(image_root: str | os.PathLike, annotation: Path, length: int, max_tiles: int,
+               system_prompt: str | None) -> dict:
+    return {"root": os.path.abspath(image_root), "annotation": os.path.abspath(annotation), "repeat_time": 1.0,
+            "length": length, "max_dynamic_patch": max_tiles, "system_prompt": system_prompt}
 
 
-def write_mmpr(out_dir: str | os.PathLike, image_root: str | os.PathLike, subsets: dict[str, Sequence[Pair]]) -> dict[str, dict]:
-    """Writes every subset and its meta entry; returns ``{name: {"pairs", "duplicates", "path"}}``."""
+def write_mmpr(out_dir: str | os.PathLike, image_root: str | os.PathLike, subsets: dict[str, Sequence[Pair]],
+               max_tiles: int, system_prompts: dict[str, str | None]) -> dict[str, dict]:
+    """Writes every subset and its meta entry; returns ``{name: {"pairs", "duplicates", "path"}}``.
+
+    Args:
+        max_tiles: the tile budget the responses were sampled with (``max_dynamic_patch``).
+        system_prompts: each subset's system message its responses were sampled with.
+    """
     entries: dict[str, dict | None] = {}
     report = {}
     for name, pairs in subsets.items():
         path, count, dropped = write_subset(out_dir, name, pairs)
-        entries[name] = meta_entry(image_root, path, count) if path else None
+        entries[name] = meta_entry(image_root, path, count, max_tiles, system_prompts[name]) if path else None
         report[name] = {"pairs": count, "duplicates": dropped, "path": str(path) if path else None}
     update_meta(out_dir, entries)
     return report

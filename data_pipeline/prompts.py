@@ -15,8 +15,7 @@ import re
 from dataclasses import dataclass
 
 from mpo.errors import DataError
-
-IMAGE_PLACEHOLDER = "<image>"
+from mpo.prompting import IMAGE_PLACEHOLDER, normalize_question
 
 TEMPLATE_V1 = (
     "Your task is to answer the question below. "
@@ -127,10 +126,9 @@ def build_cot_prompt(question: str, num_images: int, template: PromptTemplate) -
     body = question[leading.end():] if leading else question
     body = strip_short_answer_instruction(body.strip())
     prompt = template.fill(body)
-    if found == 0 and num_images > 1:
-        # Same labelling as mpo.inputs.normalize_question, so the trainer sees what was sampled.
-        return "".join(f"Image-{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(num_images)) + prompt
-    return f"{IMAGE_PLACEHOLDER}\n" * (lifted if found else num_images) + prompt
+    if found == 0:
+        return normalize_question(prompt, num_images)  # the trainer's placement of absent placeholders
+    return f"{IMAGE_PLACEHOLDER}\n" * lifted + prompt
 
 
 def drop_image_placeholders(prompt: str) -> str:

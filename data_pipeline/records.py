@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mpo.errors import DataError
+from mpo.jsonl import json_object_lines
 
 
 class ResumeError(RuntimeError):
@@ -72,6 +73,8 @@ class SampleRecord:
     answer_format: str
     responses: list[str]
     finish_reasons: list[str]
+    max_tiles: int | None = None  # the tile budget the responses were sampled with (absent in old logs)
+    system_prompt: str | None = None  # the system message sampled with (None: none; logs from before it was recorded)
     modes: list[str] = field(default_factory=list)  # set by the match stage
     judgements: list[ResponseJudgement] = field(default_factory=list)  # one per response, match stage
 
@@ -100,24 +103,18 @@ def split_skipped(lines: Iterable[dict]) -> tuple[list[SampleRecord], list[dict]
     return records, skipped
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """Yields ``(line_number, value)`` for each non-blank line; a malformed line raises DataError."""
-    with open(path, encoding="utf-8") as handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                yield number, json.loads(text)
-            except json.JSONDecodeError as error:
-                raise DataError(f"malformed JSON ({error.msg} at column {error.colno})", file=str(path), line=number) from None
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yields ``(line_number, object)`` for each non-blank line; a bad line raises DataError."""
+    for number, value in json_object_lines(path, "file"):
+        if isinstance(value, DataError):
+            raise value
+        yield number, value
 
 
-def _parse_question(value: Any, *, path: str, line: int, default_dataset: str) -> Question:
+def _parse_question(value: dict, *, path: str, line: int, default_dataset: str) -> Question:
     def fail(field: str, message: str) -> DataError:
         return DataError(message, file=path, line=line, field=field)
 
-    if not isinstance(value, dict):
-        raise fail("line", f"expected a JSON object, got {type(value).__name__}")
     if "image" in value and "images" in value:
         raise fail("image", "give either 'image' or 'images', not both")
     raw_images = value.get("image", value.get("images"))
@@ -156,33 +153,27 @@ def read_questions(path: str | os.PathLike, default_dataset: str, skip_bad: bool
     """Reads the input JSONL. A bad line raises, or with ``skip_bad`` is returned in the second list.
 
     Lines without ``id`` are keyed by their line number, so sharding and resuming stay stable
-    as long as the file does not change.
+    as long as the file does not change. Image paths are judged (the path rule, the files) by the
+    sample stage, which knows the image root.
     """
     path = str(path)
-    if not os.path.isfile(path):
-        raise DataError("input file not found", file=path)
     questions: list[Question] = []
     bad: list[DataError] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                try:
-                    value = json.loads(text)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"malformed JSON ({error.msg} at column {error.colno})", file=path, line=number, field="line") from None
-                question = _parse_question(value, path=path, line=number, default_dataset=default_dataset)
-                if question.id in seen:
-                    raise DataError(f"duplicate id {question.id!r} (first on line {seen[question.id]})", file=path, line=number, field="id")
-            except DataError as error:
-                if not skip_bad:
-                    raise
-                bad.append(error)
-                continue
-            seen[question.id] = number
-            questions.append(question)
+    for number, value in json_object_lines(path, "input file"):
+        try:
+            if isinstance(value, DataError):
+                raise value
+            question = _parse_question(value, path=path, line=number, default_dataset=default_dataset)
+            if question.id in seen:
+                raise DataError(f"duplicate id {question.id!r} (first on line {seen[question.id]})", file=path, line=number, field="id")
+        except DataError as error:
+            if not skip_bad:
+                raise
+            bad.append(error)
+            continue
+        seen[question.id] = number
+        questions.append(question)
     return questions, bad
 
 
@@ -240,32 +231,28 @@ class AppendLog:
     A run appends each finished batch as whole lines, then flushes and fsyncs, so a kill loses at
     most the batch in flight. On open, a torn last line (no newline: the kill hit mid-write) is cut
     off; every complete line is a finished question, and the stage skips those ids when it
-    restarts. A lock file stops two processes from appending to the same log.
+    restarts. An advisory lock on the log itself stops two processes from appending to it (no
+    lock file is left next to the outputs).
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._handle = None
-        self._lock = None
 
     def __enter__(self) -> AppendLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.path.with_name(self.path.name + ".lock"), "w")
+        # O_APPEND: every write goes to the end, also after the torn tail is cut below.
+        self._handle = open(self.path, "a", encoding="utf-8")
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._lock.close()
+            self._handle.close()
             raise ResumeError(f"{self.path} is being written by another process (lock held)") from None
         self._drop_torn_tail()
-        self._handle = open(self.path, "a", encoding="utf-8")
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if self._handle is not None:
-            self._handle.close()
-        if self._lock is not None:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
+        self._handle.close()  # closing releases the lock
 
     def _drop_torn_tail(self) -> None:
         if not self.path.exists():
@@ -308,19 +295,19 @@ def read_log(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-class FileLock:
-    """An exclusive advisory lock (``flock``) around a read-modify-write of a shared file."""
+class DirectoryLock:
+    """An exclusive advisory lock (``flock``) on a directory, around a read-modify-write of files
+    in it shared by several processes; locking the directory itself leaves no lock file behind."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._handle = None
+        self._fd = -1
 
-    def __enter__(self) -> FileLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(self.path, "w")
-        fcntl.flock(self._handle, fcntl.LOCK_EX)
+    def __enter__(self) -> DirectoryLock:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
         return self
 
     def __exit__(self, *exc_info) -> None:
-        fcntl.flock(self._handle, fcntl.LOCK_UN)
-        self._handle.close()
+        os.close(self._fd)  # closing releases the lock

@@ -1,16 +1,20 @@
-"""``mpo-data serve``: a small OpenAI-compatible chat-completions server over the transformers backend.
+"""``mpo-data serve``: a test server speaking the OpenAI chat-completions API over the transformers backend.
 
-For trying the ``openai`` backend end to end on one machine, and for serving a checkpoint to
-clients that speak the OpenAI API when vLLM or LMDeploy is not at hand. It handles one
-generation at a time (a lock around the model); throughput comes from ``n`` and a real engine.
+For trying the ``openai`` backend end to end on one machine, and for checking what a client sends:
+it renders every request with the trainer's renderer (:mod:`mpo.prompting`, the checkpoint's chat
+template) and can return the prompt's token ids. It is a test server, not an engine: requests are
+accepted concurrently but generated one at a time (one model, one lock); throughput comes from
+``n`` and from a real engine (vLLM, LMDeploy, SGLang).
 
 Endpoints: ``GET /v1/models``, ``GET /health``, ``POST /v1/chat/completions`` with
 
-* ``messages``: one ``user`` message whose content is a string or a list of ``text`` and
-  ``image_url`` parts (``data:`` URLs only: the server fetches nothing), optionally followed by
-  an ``assistant`` message to continue (with ``continue_final_message: true``);
+* ``messages``: an optional ``system`` message, one ``user`` message whose content is a string
+  or a list of ``text`` and ``image_url`` parts (``data:`` URLs only: the server fetches nothing),
+  optionally followed by an ``assistant`` message to continue (with
+  ``continue_final_message: true``);
 * ``n``, ``temperature``, ``top_p``, ``top_k``, ``max_tokens`` (or ``max_completion_tokens``),
-  ``seed``, and ``mm_processor_kwargs: {"max_dynamic_patch": N}`` for the tile budget.
+  ``seed``, ``mm_processor_kwargs: {"max_patches": N}`` (tiles per image, vLLM's name) and
+  ``return_token_ids: true`` (the reply then holds ``prompt_token_ids``, as vLLM's does).
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from data_pipeline.backends import GenerationRequest, SamplingParams, TransformersBackend
-from data_pipeline.prompts import IMAGE_PLACEHOLDER
 from mpo.errors import DataError
 from mpo.inputs import load_image
+from mpo.prompting import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
 
 class RequestError(ValueError):
@@ -49,44 +53,64 @@ def _decode_image(url: str):
         raise RequestError(f"image_url: {error.reason}") from None
 
 
+def _text(content, role: str) -> str:
+    """A system or assistant message's text: a string, or a list of text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(str(p.get("text", "")) for p in content)
+    raise RequestError(f"the {role} message content must be a string or a list of text parts")
+
+
+def _user_turn(content) -> tuple[str, list]:
+    """The user content as a question with placeholders, and its images.
+
+    Each image part becomes ``<image>\n``: the renderer reads a newline right after a placeholder
+    as the placeholder's own, so the question renders back into exactly the parts received.
+    """
+    if isinstance(content, str):
+        content = [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise RequestError("user content must be a string or a list of parts")
+    question, images = "", []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            text = str(part.get("text", ""))
+            if IMAGE_PLACEHOLDER in text or VIDEO_PLACEHOLDER in text:
+                raise RequestError(f"the text holds {IMAGE_PLACEHOLDER} or {VIDEO_PLACEHOLDER}; send images as image_url parts")
+            question += text
+        elif kind == "image_url":
+            image_url = part.get("image_url")
+            url = image_url.get("url") if isinstance(image_url, dict) else image_url
+            if not isinstance(url, str):
+                raise RequestError("image_url part without a url")
+            images.append(_decode_image(url))
+            question += IMAGE_PLACEHOLDER + "\n"
+        else:
+            raise RequestError(f"unsupported content part type {kind!r} (use text or image_url)")
+    return question, images
+
+
 def parse_chat_request(body: dict, default_max_tokens: int, default_max_tiles: int) -> tuple[GenerationRequest, SamplingParams]:
     """Turns a chat-completions body into a generation request; raises RequestError when it cannot."""
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("'messages' must be a non-empty list")
-    if messages[0].get("role") != "user":
-        raise RequestError("the first message must have role 'user' (system prompts and multi-turn chats are not supported)")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise RequestError("'messages' must be a non-empty list of objects")
+    roles = [m.get("role") for m in messages]
+    system = _text(messages[0].get("content"), "system") if roles[0] == "system" else None
+    turns = roles[1:] if roles[0] == "system" else roles
+    if turns not in (["user"], ["user", "assistant"]):
+        raise RequestError("send an optional system message, one user message, and optionally one assistant message to continue")
     prefix = ""
-    if len(messages) == 2 and messages[1].get("role") == "assistant":
-        if not body.get("continue_final_message"):
-            raise RequestError("a final assistant message needs continue_final_message: true")
-        prefix = messages[1].get("content")
-        if not isinstance(prefix, str):
-            raise RequestError("the assistant message content must be a string")
-    elif len(messages) != 1:
-        raise RequestError("send one user message, optionally followed by one assistant message to continue")
-    content = messages[0].get("content")
-    question, images = "", []
-    if isinstance(content, str):
-        question = content
-    elif isinstance(content, list):
-        for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                question += str(part.get("text", ""))
-            elif kind == "image_url":
-                image_url = part.get("image_url")
-                url = image_url.get("url") if isinstance(image_url, dict) else image_url
-                if not isinstance(url, str):
-                    raise RequestError("image_url part without a url")
-                images.append(_decode_image(url))
-                question += IMAGE_PLACEHOLDER
-            else:
-                raise RequestError(f"unsupported content part type {kind!r} (use text or image_url)")
-    else:
-        raise RequestError("user content must be a string or a list of parts")
-    if not images and IMAGE_PLACEHOLDER in question:
-        raise RequestError(f"the text holds {IMAGE_PLACEHOLDER} but no image was sent")
+    if turns[-1] == "assistant":
+        if not body.get("continue_final_message") or body.get("add_generation_prompt", False):
+            raise RequestError("a final assistant message needs continue_final_message: true and add_generation_prompt: false")
+        prefix = _text(messages[-1].get("content"), "assistant")
+    question, images = _user_turn(messages[len(messages) - len(turns)].get("content"))
+    processor_kwargs = body.get("mm_processor_kwargs") or {}
+    if not isinstance(processor_kwargs, dict) or set(processor_kwargs) - {"max_patches"}:
+        raise RequestError("mm_processor_kwargs takes max_patches (tiles per image) only")
     try:
         n = int(body.get("n", 1))
         max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or default_max_tokens)
@@ -94,12 +118,14 @@ def parse_chat_request(body: dict, default_max_tokens: int, default_max_tiles: i
         top_p = float(body.get("top_p", 1.0))
         top_k = int(body.get("top_k", 0) or 0)
         seed = int(body.get("seed", 0) or 0)
-        tiles = int((body.get("mm_processor_kwargs") or {}).get("max_dynamic_patch", default_max_tiles))
+        # The renderer splits a budget over the images; per image N, that budget is N per image.
+        tiles = int(processor_kwargs["max_patches"]) * max(1, len(images)) if processor_kwargs else default_max_tiles
     except (TypeError, ValueError) as error:
         raise RequestError(f"bad sampling parameter: {error}") from None
     if not 1 <= n <= 256 or max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or tiles < 1:
-        raise RequestError("need 1 <= n <= 256, max_tokens >= 1, temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_dynamic_patch >= 1")
-    request = GenerationRequest(question=question, images=tuple(images), assistant_prefix=prefix, num_samples=n, seed=seed)
+        raise RequestError("need 1 <= n <= 256, max_tokens >= 1, temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_patches >= 1")
+    request = GenerationRequest(question=question, images=tuple(images), system_prompt=system, assistant_prefix=prefix,
+                                num_samples=n, seed=seed)
     return request, SamplingParams(temperature, top_p, top_k, max_tokens, tiles)
 
 
@@ -130,7 +156,7 @@ class ChatServer(ThreadingHTTPServer):
             for i, (text, reason) in enumerate(zip(generation.texts, generation.finish_reasons))
         ]
         completion = sum(generation.completion_tokens)
-        return {
+        reply = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
@@ -139,6 +165,9 @@ class ChatServer(ThreadingHTTPServer):
             "usage": {"prompt_tokens": generation.prompt_tokens, "completion_tokens": completion,
                       "total_tokens": generation.prompt_tokens + completion},
         }
+        if body.get("return_token_ids"):
+            reply["prompt_token_ids"] = list(generation.prompt_token_ids)
+        return reply
 
 
 class _Handler(BaseHTTPRequestHandler):

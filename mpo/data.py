@@ -1,13 +1,19 @@
 """MMPR preference data: ``meta.json`` + JSONL annotations + images, read into :class:`EncodedPair`.
 
-Every line is parsed and checked when the dataset is built (JSON, required fields, ``<image>``
-counts, image paths inside their root, files present), so a bad dataset fails before the first
-step, not hours in. Images are decoded, tiled and tokenized lazily in ``__getitem__``.
+Every line is parsed and checked when the dataset is built (UTF-8, JSON, required fields, chosen
+differing from rejected, ``<image>`` counts, the path rule of :func:`mpo.inputs.resolve_data_path`,
+each image and video present, a file and not empty), so a bad dataset fails before the first
+step, not hours in. Decoding is checked by ``mpo validate`` (or ``data.validate``) before
+training, or lazily: images are decoded, tiled and tokenized in ``__getitem__``.
 
 ``meta.json`` maps a subset name to ``{"root", "annotation", "repeat_time", "length",
-"max_dynamic_patch"?}``; relative paths are resolved against the directory of ``meta.json``.
-``repeat_time`` < 1 keeps that fraction of the lines (a seeded sample), >= 1 repeats every line
-``int(repeat_time)`` times.
+"max_dynamic_patch"?, "system_prompt"?}``. Relative ``root``/``annotation`` paths start from
+``data.data_root`` when it is set; otherwise from the folder of ``meta.json``, or, when the
+annotation is not there, from its parent (the released MMPR-v1.2 writes
+``"MMPR-v1.2/annotations/..."``, relative to the folder above it). ``system_prompt`` (written by
+``mpo-data``) is the system message the subset's responses were sampled with, ``null`` for none; a
+subset without it gets ``auto``. ``repeat_time`` < 1 keeps that fraction of the lines (a seeded
+sample), >= 1 repeats every line ``int(repeat_time)`` times.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from pathlib import Path
 
 from mpo.config import DataConfig
 from mpo.errors import DataError, OverlongPair
-from mpo.inputs import IMAGE_PLACEHOLDER, encode_prompt, load_image, load_video_frames, normalize_question
+from mpo.inputs import check_data_file, load_image, load_video_frames, resolve_data_path
+from mpo.jsonl import json_object_lines
+from mpo.prompting import IMAGE_PLACEHOLDER, encode_prompt, normalize_question, resolve_system_prompt
 from mpo.types import EncodedPair, PreferenceRecord
 
 
@@ -31,69 +39,89 @@ class SubsetSpec:
     annotation: Path
     repeat_time: float = 1.0
     max_dynamic_patch: int | None = None
+    system_prompt: str | None = None
 
 
-def read_meta(meta_path: str | Path) -> list[SubsetSpec]:
-    meta_path = Path(meta_path)
+def _bases(meta_path: Path, data_root: str) -> list[Path]:
+    """Where relative paths of meta.json may start, in the order they are tried."""
+    if data_root:
+        return [Path(os.path.abspath(data_root))]
+    return [meta_path.parent, meta_path.parent.parent]
+
+
+def _locate(relative: str, bases: list[Path], meta: str, field: str) -> tuple[Path, Path]:
+    """The annotation file under the first base that has it, and that base."""
+    tried = [base / relative for base in bases]
+    for base, path in zip(bases, tried):
+        if path.exists():
+            return path, base
+    places = ", ".join(str(p) for p in dict.fromkeys(tried))
+    raise DataError(f"annotation file not found; tried {places}", file=meta, field=field)
+
+
+def read_meta(meta_path: str | Path, data_root: str = "") -> list[SubsetSpec]:
+    """The subsets of a ``meta.json``, paths resolved (see the module docstring)."""
+    meta_path = Path(os.path.abspath(meta_path))
+    source = str(meta_path)
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DataError("meta file not found", file=str(meta_path)) from None
+        raise DataError("meta file not found", file=source) from None
+    except (IsADirectoryError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read meta file: {error}", file=source) from None
     except json.JSONDecodeError as error:
-        raise DataError(f"invalid JSON: {error.msg}", file=str(meta_path), line=error.lineno) from None
+        raise DataError(f"invalid JSON: {error.msg}", file=source, line=error.lineno) from None
     if not isinstance(meta, dict) or not meta:
-        raise DataError("expected a non-empty mapping of subset name -> spec", file=str(meta_path))
+        raise DataError("expected a non-empty mapping of subset name -> spec", file=source)
+    bases = _bases(meta_path, data_root)
     subsets = []
     for name, spec in meta.items():
         if not isinstance(spec, dict):
-            raise DataError("expected a mapping", file=str(meta_path), field=name)
+            raise DataError("expected a mapping", file=source, field=name)
         for key in ("root", "annotation"):
-            if not isinstance(spec.get(key), str):
-                raise DataError("missing or not a string", file=str(meta_path), field=f"{name}.{key}")
+            if not isinstance(spec.get(key), str) or key == "annotation" and not spec[key]:
+                raise DataError("missing or not a string", file=source, field=f"{name}.{key}")
         repeat = spec.get("repeat_time", 1.0)
-        if not isinstance(repeat, (int, float)) or repeat <= 0:
-            raise DataError(f"must be a positive number, got {repeat!r}", file=str(meta_path), field=f"{name}.repeat_time")
-        subsets.append(
-            SubsetSpec(
-                name=name,
-                root=(meta_path.parent / spec["root"]).resolve(),
-                annotation=(meta_path.parent / spec["annotation"]).resolve(),
-                repeat_time=float(repeat),
-                max_dynamic_patch=spec.get("max_dynamic_patch"),
-            )
-        )
+        if isinstance(repeat, bool) or not isinstance(repeat, (int, float)) or repeat <= 0:
+            raise DataError(f"must be a positive number, got {repeat!r}", file=source, field=f"{name}.repeat_time")
+        tiles = spec.get("max_dynamic_patch")
+        if tiles is not None and (isinstance(tiles, bool) or not isinstance(tiles, int) or tiles < 1):
+            raise DataError(f"must be a positive integer, got {tiles!r}", file=source, field=f"{name}.max_dynamic_patch")
+        system_prompt = spec.get("system_prompt", resolve_system_prompt("auto"))
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise DataError("must be a string or null", file=source, field=f"{name}.system_prompt")
+        annotation, base = _locate(spec["annotation"], bases, source, f"{name}.annotation")
+        # The image root starts where its folder exists, else where the annotation was found.
+        root = next((b / spec["root"] for b in bases if (b / spec["root"]).is_dir()), base / spec["root"])
+        subsets.append(SubsetSpec(name, Path(os.path.abspath(root)), annotation, float(repeat), tiles, system_prompt))
     return subsets
 
 
-def _inside(root: Path, relative: str, source: str, line: int, field: str) -> str:
-    """Resolves a record's path under its root; a path that escapes the root is refused."""
-    if not isinstance(relative, str) or not relative:
-        raise DataError("expected a non-empty path string", file=source, line=line, field=field)
-    path = (root / relative).resolve()
-    if path != root and root not in path.parents:
-        raise DataError(f"path {relative!r} is outside the image root {root}", file=source, line=line, field=field)
-    if not path.exists():
-        raise DataError(f"file not found: {path}", file=source, line=line, field=field)
+def record_path(root: Path, relative, source: str, line: int, field: str) -> str:
+    """A record's image or video path: the path rule, then a cheap stat (see the module docstring)."""
+    try:
+        path = resolve_data_path(root, relative)
+        check_data_file(path, field)
+    except DataError as error:
+        raise DataError(error.reason, file=source, line=line, field=field) from None
     return str(path)
 
 
-def parse_record(raw: str, root: Path, source: str, line: int, max_dynamic_patch: int) -> PreferenceRecord:
-    """Validates one JSONL line; raises :class:`DataError` naming file, line and field."""
-    try:
-        item = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise DataError(f"malformed JSON: {error.msg}", file=source, line=line, field="<line>") from None
-    if not isinstance(item, dict):
-        raise DataError("expected a JSON object", file=source, line=line, field="<line>")
+def parse_record(
+    item: dict, root: Path, source: str, line: int, max_dynamic_patch: int, system_prompt: str | None = None
+) -> PreferenceRecord:
+    """Validates one parsed JSONL line; raises :class:`DataError` naming file, line and field."""
     for key in ("question", "chosen", "rejected"):
         if not isinstance(item.get(key), str) or (key != "question" and not item[key].strip()):
             raise DataError("missing or empty", file=source, line=line, field=key)
+    if item["chosen"].strip() == item["rejected"].strip():
+        raise DataError("same text as chosen: the pair has nothing to prefer", file=source, line=line, field="rejected")
     images = item.get("image") or []  # absent, null or "" all mean a text-only record
     images = [images] if isinstance(images, str) else images
     if not isinstance(images, list):
         raise DataError("expected a path or a list of paths", file=source, line=line, field="image")
-    paths = [_inside(root, rel, source, line, "image") for rel in images]
-    video = _inside(root, item["video"], source, line, "video") if "video" in item else None
+    paths = [record_path(root, rel, source, line, "image") for rel in images]
+    video = record_path(root, item["video"], source, line, "video") if "video" in item else None
     try:
         question = normalize_question(item["question"], len(paths), video is not None)
     except DataError as error:
@@ -106,49 +134,79 @@ def parse_record(raw: str, root: Path, source: str, line: int, max_dynamic_patch
         video=video,
         source=f"{source}:{line}",
         max_dynamic_patch=max_dynamic_patch,
+        system_prompt=system_prompt,
     )
 
 
 def read_annotation(
-    path: Path, root: Path, max_dynamic_patch: int, skipped: list[DataError] | None
+    path: Path, root: Path, max_dynamic_patch: int, skipped: list[DataError] | None, system_prompt: str | None = None
 ) -> list[PreferenceRecord]:
-    """Reads every record of one JSONL; with ``skipped`` given, bad lines go there instead of raising."""
-    records = []
-    try:
-        handle = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError("annotation file not found", file=str(path)) from None
-    with handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                records.append(parse_record(raw, root, str(path), number, max_dynamic_patch))
-            except DataError as error:
-                if skipped is None:
-                    raise
-                skipped.append(error)
+    """Reads every record of one JSONL; with ``skipped`` given, bad lines go there instead of raising.
+
+    A file without a single record is an error in both modes (an empty subset is a mistake in the
+    dataset, not a bad record).
+    """
+    records, lines = [], 0
+    for number, item in json_object_lines(path, "annotation file"):
+        lines += 1
+        try:
+            if isinstance(item, DataError):
+                raise item
+            records.append(parse_record(item, root, str(path), number, max_dynamic_patch, system_prompt))
+        except DataError as error:
+            if skipped is None:
+                raise
+            skipped.append(error)
+    if not lines:
+        raise DataError("annotation file has no records", file=str(path))
     return records
 
 
-def load_records(config: DataConfig, seed: int, skipped: list[DataError] | None = None) -> list[PreferenceRecord]:
-    """All training records of a recipe, ``repeat_time`` applied, in file order."""
+def _sample(records: list[PreferenceRecord], subset: SubsetSpec, seed: int, meta: str) -> list[PreferenceRecord]:
+    """``repeat_time`` applied: a seeded fraction in file order, or whole repeats."""
+    if subset.repeat_time >= 1:
+        return records * int(subset.repeat_time)
+    keep = int(len(records) * subset.repeat_time)
+    if keep == 0 and records:
+        raise DataError(
+            f"repeat_time {subset.repeat_time:g} of {len(records)} record(s) keeps none "
+            f"(int({len(records) * subset.repeat_time:g}) = 0); raise it or leave the subset out",
+            file=meta, field=f"{subset.name}.repeat_time",
+        )
+    # Sorted, so the sample does not depend on the order random.sample returns.
+    return [records[i] for i in sorted(random.Random(f"{seed}:{subset.name}").sample(range(len(records)), keep))]
+
+
+def load_records(
+    config: DataConfig, seed: int, skipped: list[DataError] | None = None, notes: list[str] | None = None
+) -> list[PreferenceRecord]:
+    """All training records of a recipe, ``repeat_time`` applied, in file order (possibly none,
+    when every line was bad and skipped: :func:`mpo.validate.load_checked_records` refuses that).
+
+    Args:
+        notes: collects a line for each subset whose recorded system message ``data.system_prompt``
+            overrides, for the caller to report.
+    """
+    if config.dataset_path:
+        from mpo.hf_datasets import read_dataset
+
+        return read_dataset(config, skipped)
     if config.jsonl_path:
-        root = Path(config.image_root or Path(config.jsonl_path).parent).resolve()
-        return read_annotation(Path(config.jsonl_path), root, config.max_dynamic_patch, skipped)
+        root = Path(os.path.abspath(config.image_root or Path(config.jsonl_path).parent))
+        system_prompt = resolve_system_prompt(config.system_prompt or "auto")
+        return read_annotation(Path(os.path.abspath(config.jsonl_path)), root, config.max_dynamic_patch, skipped, system_prompt)
+    override = resolve_system_prompt(config.system_prompt) if config.system_prompt else None
     records = []
-    for subset in read_meta(config.meta_path):
-        tiles = subset.max_dynamic_patch or config.max_dynamic_patch
-        lines = read_annotation(subset.annotation, subset.root, tiles, skipped)
-        if subset.repeat_time < 1:
-            # A seeded fraction, keeping file order so the sample does not depend on list order.
-            keep = sorted(random.Random(f"{seed}:{subset.name}").sample(range(len(lines)), int(len(lines) * subset.repeat_time)))
-            lines = [lines[i] for i in keep]
-        else:
-            lines = lines * int(subset.repeat_time)
-        records.extend(lines)
-    if not records:
-        raise DataError("no training records", file=config.meta_path or config.jsonl_path)
+    for subset in read_meta(config.meta_path, config.data_root):
+        tiles = config.max_dynamic_patch if subset.max_dynamic_patch is None else subset.max_dynamic_patch
+        system_prompt = subset.system_prompt
+        if config.system_prompt and override != system_prompt:
+            if notes is not None:
+                notes.append(f"data.system_prompt overrides the system message meta.json records for subset {subset.name} "
+                             f"({system_prompt!r} -> {override!r})")
+            system_prompt = override
+        lines = read_annotation(subset.annotation, subset.root, tiles, skipped, system_prompt)
+        records.extend(_sample(lines, subset, seed, str(Path(os.path.abspath(config.meta_path)))))
     return records
 
 
@@ -178,9 +236,10 @@ class PreferenceDataset:
             return type(error)(error.reason, file=file, line=int(line) if line.isdigit() else None, field=error.field)
 
     def encode(self, record: PreferenceRecord) -> EncodedPair:
-        images = [load_image(p) for p in record.images]
-        video = load_video_frames(record.video, self.config.video_frames) if record.video else None
-        prompt = encode_prompt(self.processor, record.question, images, record.max_dynamic_patch, video=video)
+        max_pixels = self.config.max_image_pixels
+        images = [load_image(p, max_pixels) for p in record.images]
+        video = load_video_frames(record.video, self.config.video_frames, max_pixels) if record.video else None
+        prompt = encode_prompt(self.processor, record.question, images, record.max_dynamic_patch, record.system_prompt, video=video)
         prompt_ids = prompt["input_ids"][0].tolist()
         tokenizer = self.processor.tokenizer
         chosen_ids = tokenizer(record.chosen, add_special_tokens=False)["input_ids"] + [self.end_of_turn]
@@ -196,18 +255,4 @@ class PreferenceDataset:
         return EncodedPair(prompt_ids, chosen_ids, rejected_ids, prompt.get("pixel_values"), record.source, truncated)
 
 
-def append_skipped(output_dir: str | Path, errors: list[DataError]) -> None:
-    """Appends skipped samples to ``output_dir/skipped.jsonl``, one JSON object per line."""
-    if not errors:
-        return
-    path = Path(output_dir) / "skipped.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # O_APPEND writes of one short line are atomic on POSIX, so ranks may share the file.
-    with open(path, "a", encoding="utf-8") as handle:
-        for error in errors:
-            handle.write(json.dumps(error.to_record()) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-__all__ = ["IMAGE_PLACEHOLDER", "PreferenceDataset", "append_skipped", "load_records", "parse_record", "read_meta"]
+__all__ = ["IMAGE_PLACEHOLDER", "PreferenceDataset", "load_records", "parse_record", "read_meta"]

@@ -3,7 +3,7 @@
 :class:`PreferenceForward` wraps the HF InternVL model so that the whole computation (vision
 features, language model, LM head on response positions only, log-softmax) runs inside the
 ``forward`` that DDP or DeepSpeed wraps: their gradient hooks and ZeRO-3 parameter gathering see
-one ordinary module call.
+one ordinary module call. The logits are fp32 whatever the weights' dtype (:mod:`mpo.head`).
 
 The vision tower runs once per pair (``feature_repeat`` copies its features into the chosen and the
 rejected rows), and features computed by the policy can be handed to the reference when both share
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from mpo.head import use_float32_head
 from mpo.packing import PAIR_SDPA, flex_block_mask, pair_blocks
 from mpo.types import PreferenceBatch, SequenceLogps
 
@@ -93,6 +94,8 @@ class PreferenceForward(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        # Scored positions get fp32 logits whatever the weights' dtype (see mpo.head).
+        use_float32_head(base_model(model))
         # The language model's attention as loaded; shared-prefix and packed batches switch it to
         # the kernel their mask needs (transformers' public set_attn_implementation), plain
         # batches switch it back.
@@ -154,7 +157,7 @@ class PreferenceForward(nn.Module):
         # The LM head runs on the response positions only: prompts are mostly image tokens,
         # and a [rows, T, vocab] logits tensor would dominate memory for nothing.
         scored = hidden.flatten(0, 1)[batch.predict_index]
-        logits = hf.lm_head(scored).float()
+        logits = hf.lm_head(scored)  # fp32
         token_logps = logits.gather(-1, batch.target_ids[:, None]).squeeze(-1) - logits.logsumexp(-1)
         if text_only:
             # Exactly 0, but it puts the blank tile's vision weights in the graph (zero gradients).

@@ -1,4 +1,4 @@
-"""Step metrics: averaged over micro-batches and processes, written to metrics.jsonl and W&B.
+"""Step metrics: averaged over micro-batches and processes, written to metrics.jsonl and trackers.
 
 Reward metrics are reported unscaled (r = beta * log-ratio), not multiplied by the sum of the
 loss weights as one peer does.
@@ -13,7 +13,22 @@ from pathlib import Path
 
 import torch
 
+from mpo.config import Recipe
 from mpo.types import MPOLossOutput, SequenceLogps
+
+
+def pair_values(output: MPOLossOutput, policy: SequenceLogps) -> dict[str, torch.Tensor]:
+    """``[B]`` per-pair values of the reward and log-prob metrics of one micro-batch (detached)."""
+    values = {}
+    if output.chosen_rewards is not None:
+        chosen, rejected = output.chosen_rewards.detach(), output.rejected_rewards.detach()
+        values["rewards/chosen"] = chosen
+        values["rewards/rejected"] = rejected
+        values["rewards/margins"] = chosen - rejected
+        values["rewards/accuracies"] = (chosen > rejected).float()
+    values["logps/chosen"] = policy.chosen_logps.detach()
+    values["logps/rejected"] = policy.rejected_logps.detach()
+    return values
 
 
 class StepStats:
@@ -28,14 +43,7 @@ class StepStats:
     def add(self, output: MPOLossOutput, policy: SequenceLogps, num_tokens: int, num_pairs: int) -> None:
         values = {"loss": output.loss.detach()}
         values.update({f"loss/{name}": value.detach() for name, value in output.terms.items()})
-        if output.chosen_rewards is not None:
-            chosen, rejected = output.chosen_rewards.detach(), output.rejected_rewards.detach()
-            values["rewards/chosen"] = chosen.mean()
-            values["rewards/rejected"] = rejected.mean()
-            values["rewards/margins"] = (chosen - rejected).mean()
-            values["rewards/accuracies"] = (chosen > rejected).float().mean()
-        values["logps/chosen"] = policy.chosen_logps.detach().mean()
-        values["logps/rejected"] = policy.rejected_logps.detach().mean()
+        values.update({name: value.mean() for name, value in pair_values(output, policy).items()})
         for name, value in values.items():
             self.sums[name] += float(value)
         self.micro_batches += 1
@@ -56,29 +64,37 @@ class StepStats:
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to ``metrics.jsonl`` (main process) and to W&B.
+    """Appends one JSON object per logged step to ``metrics.jsonl`` and logs the same values to the
+    recipe's trackers (``report_to``, through accelerate), all on the main process only.
 
-    On resume the file is cut back to the checkpoint's step, so a resumed run's file reads like an
-    uninterrupted one.
+    The trackers get the recipe as their run configuration, flattened to dotted keys
+    (``train.lr``) since tensorboard's hyper-parameters take scalars only. On resume the file is cut
+    back to the checkpoint's step, so a resumed run's file reads like an uninterrupted one; W&B
+    continues the same run (its id is kept in ``output_dir/wandb_run_id``) and tensorboard hides
+    the events after the checkpoint's step.
     """
 
-    def __init__(self, output_dir: str | Path, recipe_dict: dict, report_to: str, resume_step: int, project: str, run_name: str):
-        self.path = Path(output_dir) / "metrics.jsonl"
+    def __init__(self, accelerator, recipe: Recipe, resume_step: int):
+        self.accelerator = accelerator
+        self.path = Path(recipe.output_dir) / "metrics.jsonl"
+        if not accelerator.is_main_process:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(resume_step)
-        self.wandb_run = None
-        if report_to == "wandb":
-            import wandb
-
-            # WANDB_MODE=offline is honoured by wandb itself; the API key is never read here.
-            self.wandb_run = wandb.init(
-                project=project,
-                name=run_name or None,
-                config=recipe_dict,
-                dir=str(self.path.parent),
-                resume="allow",
-                id=_run_id(self.path.parent),
-            )
+        if not recipe.report_to:
+            return
+        init_kwargs = {}
+        if "wandb" in recipe.report_to:
+            # The API key is never read here; WANDB_MODE=offline is honoured by wandb itself.
+            init_kwargs["wandb"] = {"name": recipe.run_name or None, "dir": recipe.output_dir,
+                                    "id": _run_id(self.path.parent), "resume": "allow"}
+        if "tensorboard" in recipe.report_to and resume_step:
+            init_kwargs["tensorboard"] = {"purge_step": resume_step + 1}  # events after the checkpoint hidden
+        accelerator.init_trackers(
+            recipe.project,
+            config=flat_config(recipe.to_dict()),
+            init_kwargs=init_kwargs,
+        )
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
@@ -95,14 +111,22 @@ class MetricsWriter:
         os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.accelerator.is_main_process:
+            return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
+        self.accelerator.log(metrics, step=step)
 
-    def close(self) -> None:
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
+
+def flat_config(tree: dict, prefix: str = "") -> dict[str, str | int | float | bool]:
+    """``{"train": {"lr": 1e-6}}`` -> ``{"train.lr": 1e-6}``; lists become comma-joined strings."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = ",".join(map(str, value)) if isinstance(value, list) else value
+    return flat
 
 
 def _run_id(output_dir: Path) -> str:

@@ -13,16 +13,22 @@ The file (safetensors: chosen/rejected summed log-probs and token counts per pai
 each pair's source ``annotation:line`` (relative to the data directory, so the directory can be
 moved) and carries a fingerprint of what the values depend on:
 
-* the dataset: every annotation file's size and hash, ``meta.json``'s hash, the record count;
+* the dataset: every annotation file's size and hash, ``meta.json``'s hash, the record count,
+  and every image and video file the records use (``reference.image_fingerprint``: ``stat``, the
+  size and modification time of each, one ``stat`` per file; or ``content``, a hash of every byte);
 * the model: hashes of its config and tokenizer files, and of each weight file's size plus four
   1 MiB samples spread over it (cheap on a 16 GB checkpoint, yet any fine-tune changes them), the
-  load dtype;
-* the tiling and length settings: ``max_dynamic_patch``, ``max_length``, ``overlong``, ``video_frames``.
+  load dtype and the attention kernel (``model.attn_implementation``);
+* the settings the values depend on: tiling and length (``max_dynamic_patch``, ``max_length``,
+  ``overlong``, ``video_frames``), precision (``train.mixed_precision``), layout and attention
+  path (``forward.layout``, ``forward.pack_length``, ``forward.attention``).
 
 Training with ``reference.precomputed_path`` loads no reference model; a file whose fingerprint
-differs from the recipe's is refused with one line naming what changed. Image files themselves
-are identified by their annotation entries: replacing an image in place under the same name is
-not detected.
+differs from the recipe's is refused with one line naming what changed. With ``stat`` image
+fingerprints (the default), an image replaced by a file of the same size whose modification
+time was kept (``cp -p``, ``rsync -t``) goes unnoticed, and a copy that does not keep times
+(``cp -r``) is refused although unchanged; ``content`` has neither gap but reads every image at
+each start (minutes to hours on a multi-terabyte dataset).
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ import torch
 
 from mpo.config import ModelConfig, Recipe, load_recipe
 from mpo.errors import DataError, OverlongPair
-from mpo.types import EncodedPair, PreferenceBatch, SequenceLogps
+from mpo.inputs import frame_files
+from mpo.types import EncodedPair, PreferenceBatch, PreferenceRecord, SequenceLogps
 
 FORMAT = "mpo-reference-logps/1"
 _SAMPLE_BYTES = 1 << 20
@@ -67,8 +74,35 @@ def _sampled_digest(path: Path) -> str:
 
 
 def data_root(recipe: Recipe) -> Path:
-    """The directory the data lives in (meta.json's or the JSONL's); stored keys are relative to it."""
-    return Path(recipe.data.meta_path or recipe.data.jsonl_path).resolve().parent
+    """The directory the data lives in (meta.json's, the JSONL's or the dataset's); stored keys are
+    relative to it."""
+    data = recipe.data
+    if data.dataset_path and Path(data.dataset_path).is_dir():
+        return Path(os.path.abspath(data.dataset_path))
+    return Path(os.path.abspath(data.meta_path or data.jsonl_path or data.dataset_path)).parent
+
+
+def _media_files(records: list[PreferenceRecord]) -> list[Path]:
+    """Every image and video file the records read (a frame directory's frames), sorted."""
+    files = {Path(path) for record in records for path in record.images}
+    for record in records:
+        if record.video:
+            video = Path(record.video)
+            files.update(frame_files(video) if video.is_dir() else [video])
+    return sorted(files)
+
+
+def _media_digest(records: list[PreferenceRecord], root: Path, mode: str) -> str:
+    """One hash over each media file's path (relative to ``root``) and its stat or content hash."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path in _media_files(records):
+        if mode == "stat":
+            info = path.stat()
+            identity = f"{info.st_size}:{info.st_mtime_ns}"
+        else:
+            identity = _digest(path)
+        digest.update(f"{os.path.relpath(path, root)}\0{identity}\n".encode())
+    return digest.hexdigest()
 
 
 def pair_key(source: str, root: Path) -> str:
@@ -98,34 +132,40 @@ class Fingerprint:
     settings: dict
 
     @classmethod
-    def of(cls, recipe: Recipe, sources: list[str]) -> "Fingerprint":
+    def of(cls, recipe: Recipe, records: list[PreferenceRecord]) -> "Fingerprint":
         """The fingerprint of a recipe's data, model and settings.
 
         Args:
             recipe: the training recipe.
-            sources: ``file:line`` of every record of its dataset, in order.
+            records: every record of its dataset, in order.
         """
         root = data_root(recipe)
-        files = list(dict.fromkeys(source.rpartition(":")[0] for source in sources))
+        files = list(dict.fromkeys(record.source.rpartition(":")[0] for record in records))
         dataset = {
             "annotations": {os.path.relpath(f, root): [Path(f).stat().st_size, _digest(Path(f))] for f in files},
             "meta": _digest(Path(recipe.data.meta_path)) if recipe.data.meta_path else "",
-            "records": len(sources),
+            "records": len(records),
+            "images": _media_digest(records, root, recipe.reference.image_fingerprint),
         }
         model_dir = _model_dir(recipe.model)
-        model = {"dtype": recipe.model.dtype}
+        model = {"dtype": recipe.model.dtype, "attn_implementation": recipe.model.attn_implementation}
         for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
             name = str(path.relative_to(model_dir))
             if path.suffix in _WEIGHT_SUFFIXES:
                 model[name] = _sampled_digest(path)
             elif path.suffix in (".json", ".jinja", ".txt", ".model", ".tiktoken"):
                 model[name] = _digest(path)
-        data = recipe.data
+        data, forward = recipe.data, recipe.forward
         settings = {
             "max_dynamic_patch": data.max_dynamic_patch,
             "max_length": data.max_length,
             "overlong": data.overlong,
             "video_frames": data.video_frames,
+            "mixed_precision": recipe.train.mixed_precision,
+            "layout": forward.layout,
+            "pack_length": forward.pack_length,
+            "attention": forward.attention,
+            "system_prompt": data.system_prompt,
         }
         return cls(dataset=dataset, model=model, settings=settings)
 
@@ -172,7 +212,7 @@ class PrecomputedReference:
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         sources = [record.source for record in dataset.records]
         stored = Fingerprint(**json.loads(meta["fingerprint"]))
-        changed = Fingerprint.of(recipe, sources).differences(stored)
+        changed = Fingerprint.of(recipe, dataset.records).differences(stored)
         if changed:
             raise DataError(
                 f"stale precomputed reference log-probs: {'; '.join(changed)} changed since they were computed; "
@@ -232,16 +272,17 @@ def compute(recipe: Recipe, out: Path | None) -> Path:
     from accelerate.utils import DistributedType, gather_object
 
     from mpo.collate import build_collator
-    from mpo.data import PreferenceDataset, load_records
+    from mpo.data import PreferenceDataset
     from mpo.forward import PreferenceForward
     from mpo.modeling import load_processor, load_reference
     from mpo.train import make_accelerator
+    from mpo.validate import load_checked_records
 
     accelerator = make_accelerator(recipe)
     processor = load_processor(recipe.model)
     skip = recipe.data.on_bad_sample == "skip"
     bad_records: list[DataError] | None = [] if skip else None
-    records = load_records(recipe.data, recipe.seed, bad_records)
+    records = load_checked_records(recipe, accelerator, bad_records)
     dataset = PreferenceDataset(records, processor, recipe.data)
     collate = build_collator(recipe.forward, recipe.data, processor.tokenizer.pad_token_id)
     root = data_root(recipe)
@@ -293,7 +334,7 @@ def compute(recipe: Recipe, out: Path | None) -> Path:
     if accelerator.is_main_process:
         table = dict(results)  # duplicates (padding, fallbacks) hold equal values
         keys = sorted(table)
-        _write(out, keys, table, skipped, Fingerprint.of(recipe, [r.source for r in records]))
+        _write(out, keys, table, skipped, Fingerprint.of(recipe, records))
         print(f"wrote reference log-probs of {len(keys)} pair(s) to {out} ({len(skipped)} skipped)")
         print(f"train with: reference.precomputed_path={out}")
     accelerator.wait_for_everyone()

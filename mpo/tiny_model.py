@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from mpo.prompting import INTERNVL_SYSTEM_MESSAGE
+
 IMAGE_TOKENS = {
     "start_image_token": "<img>",
     "end_image_token": "</img>",
@@ -31,20 +33,19 @@ IMAGE_TOKENS = {
 }
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 
-# The same ChatML template InternVL's -hf checkpoints ship, reduced to what the trainer and the
-# data pipeline send: text, image and video parts in the user turn.
+# The chat template InternVL's -hf checkpoints ship (OpenGVLab/InternVL3-*-hf, written by
+# transformers' convert_internvl_weights_to_hf.py), character for character, so every test and demo
+# renders prompts through the real template: ChatML turns, an image part as "<IMG_CONTEXT>\n", a
+# video part as "<video>\n", and no system turn unless the conversation has one.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
     "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
-    "{% elif part['type'] == 'video' %}{{ '<video>\n' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif content['type'] == 'video' %}{{ '<video>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
@@ -89,6 +90,7 @@ def _corpus() -> list[str]:
     lines += ["\\boxed{" + str(n) + "}" for n in range(20)]
     lines += ["A. yes\nB. no", "(A) (B) (C) (D)", "1.5 2.25 3% 45° 10cm 0.001 -7 +3 = * / ( ) [ ] { } , . ; : ? !"]
     lines += [w.capitalize() for w in words]
+    lines.append(INTERNVL_SYSTEM_MESSAGE)  # the default system turn: a few tokens, as in a real vocabulary
     return lines
 
 
@@ -238,11 +240,14 @@ def build_tiny_model(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mpo tiny-model", description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir")
-    parser.add_argument("--size", default="tiny", choices=sorted(SIZES))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-patches", type=int, default=12)
+    parser = argparse.ArgumentParser(prog="mpo tiny-model", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="where the checkpoint is written (replaced if it exists)")
+    parser.add_argument("--size", default="tiny", choices=sorted(SIZES),
+                        help="tiny: ~0.2 M parameters (unit tests); small: a few million (the demo, vLLM on CPU); "
+                             "bench: tens of millions, 64 image tokens per tile")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random weights")
+    parser.add_argument("--max-patches", type=int, default=12, help="the processor's default max tiles per image")
     args = parser.parse_args(argv)
     path = build_tiny_model(args.out_dir, size=args.size, seed=args.seed, max_patches=args.max_patches)
     n = sum(p.numel() for p in _load(path).parameters())

@@ -19,6 +19,7 @@ class PreferenceRecord:
         video: absolute video path (or frame directory), or ``None``.
         source: ``"<annotation file>:<line number>"``, for error messages and reports.
         max_dynamic_patch: the tile budget for this record's images.
+        system_prompt: the system message text, or ``None`` for no system turn.
     """
 
     question: str
@@ -28,6 +29,7 @@ class PreferenceRecord:
     video: str | None = None
     source: str = ""
     max_dynamic_patch: int = 12
+    system_prompt: str | None = None
 
 
 @dataclass

@@ -7,11 +7,13 @@
   ``meta.json`` (4 subsets, 24 pairs: single-image, two-image, text-only, video).
 
 Both are session-scoped and shared by every test: treat them as read-only (copy them into
-``tmp_path`` before changing anything).
+``tmp_path`` before changing anything). ``escaping_annotation`` is in such a copy, with one bad line.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_mmpr_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_mmpr(tmp_path_factory.mktemp("tiny_mmpr")).parent
+
+
+@pytest.fixture
+def escaping_annotation(tiny_mmpr_dir: Path, tmp_path: Path) -> Path:
+    """An annotation of a copy of the tiny MMPR directory (its ``meta.json`` two levels up) whose
+    line 3 names an image outside the image root (``../../../etc/passwd``)."""
+    data = tmp_path / "escaping_mmpr"
+    shutil.copytree(tiny_mmpr_dir, data)
+    annotation = data / "annotations" / "multi_pairs_vqa_correctness_rules.jsonl"
+    lines = annotation.read_text().splitlines()
+    lines[2] = json.dumps({"image": ["../../../etc/passwd"], "question": "<image>\nQ", "chosen": "a", "rejected": "b"})
+    annotation.write_text("\n".join(lines) + "\n")
+    return annotation

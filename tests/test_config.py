@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -179,8 +180,8 @@ def test_bad_overrides():
 @pytest.mark.parametrize(
     "changes, match",
     [
-        ({"data": {"jsonl_path": "pairs.jsonl"}}, "exactly one of data.meta_path and data.jsonl_path"),
-        ({"data": {"meta_path": ""}}, "exactly one of data.meta_path and data.jsonl_path"),
+        ({"data": {"jsonl_path": "pairs.jsonl"}}, "exactly one of data.meta_path, data.jsonl_path and data.dataset_path"),
+        ({"data": {"meta_path": ""}}, "exactly one of data.meta_path, data.jsonl_path and data.dataset_path"),
         ({"model": {"name_or_path": ""}}, "model.name_or_path is required"),
         ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size: must be at least 1"),
         ({"train": {"gradient_accumulation_steps": 0}}, "train.gradient_accumulation_steps: must be at least 1"),
@@ -188,11 +189,31 @@ def test_bad_overrides():
         ({"train": {"num_epochs": 0.0}}, "train.max_steps > 0 or train.num_epochs > 0"),
         ({"loss": {"bco_weight": -0.2}}, "loss weights must be >= 0"),
         ({"loss": {"dpo_weight": 0.0, "bco_weight": 0.0, "sft_weight": 0.0}}, "every loss weight is 0"),
+        ({"data": {"eval_jsonl_path": "e.jsonl", "eval_fraction": 0.1}}, "at most one of data.eval_meta_path, data.eval_jsonl_path"),
+        ({"data": {"eval_fraction": 1.0}}, "data.eval_fraction: must be in [0, 1)"),
+        ({"train": {"eval_every": 10}}, "train.eval_every: needs held-out pairs"),
+        ({"train": {"save_best": "eval/loss"}}, "train.save_best: needs held-out pairs"),
+        ({"data": {"eval_fraction": 0.1}, "train": {"save_best": "loss"}}, "train.save_best: unknown eval metric 'loss'; choose from eval/loss,"),
+        ({"data": {"eval_fraction": 0.1}, "loss": {"dpo_weight": 0.0}, "train": {"save_best": "eval/loss/dpo"}},
+         "unknown eval metric 'eval/loss/dpo'"),  # a term weighted 0 is not computed
+        ({"data": {"eval_meta_path": "e/meta.json"}, "reference": {"precomputed_path": "ref.safetensors"}},
+         "data.eval_meta_path: a precomputed reference holds no log-probs of other data"),
     ],
 )
 def test_cross_field_rules(changes, match):
-    with pytest.raises(DataError, match=match.replace(".", r"\.")):
+    with pytest.raises(DataError, match=re.escape(match)):
         recipe_from_dict(_minimal(**changes), source="r.yaml")
+
+
+def test_resolved_recipe_yaml_reads_back_equal(tmp_path):
+    """``Recipe.to_yaml`` (written to output_dir and each checkpoint) loads back to the same
+    recipe: overrides applied, choices such as ``no`` and small floats intact."""
+    recipe = recipe_from_dict(_minimal(), ["train.lr=2e-7", "train.mixed_precision=no", "data.eval_fraction=0.05",
+                                           "train.save_best=eval/rewards/accuracies", "train.save_best_mode=max"])
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe.to_yaml())
+    assert load_recipe(path) == recipe
+    assert (recipe.train.lr, recipe.train.mixed_precision) == (2e-7, "no")
 
 
 def test_cross_field_rules_allow_valid_edge_cases():
@@ -238,3 +259,23 @@ def test_bare_no_means_the_string_no(tmp_path):
     assert recipe_from_dict(_minimal(), ["train.mixed_precision=no"]).train.mixed_precision == "no"
     with pytest.raises(DataError, match=r"train\.lr_scheduler: must be one of"):
         recipe_from_dict(_minimal(), ["train.lr_scheduler=no"])
+
+
+def test_report_to_takes_a_list_one_name_or_none():
+    """As HF Trainer's report_to: a list of trackers, one name, or none (no tracker)."""
+    assert recipe_from_dict(_minimal()).report_to == []
+    assert recipe_from_dict(_minimal(), ["report_to=wandb"]).report_to == ["wandb"]
+    assert recipe_from_dict(_minimal(), ["report_to=none"]).report_to == []
+    assert recipe_from_dict(_minimal(), ["report_to=[tensorboard, wandb]"]).report_to == ["tensorboard", "wandb"]
+    with pytest.raises(DataError, match=r"report_to: must be one of \['wandb', 'tensorboard', 'mlflow'"):
+        recipe_from_dict(_minimal(), ["report_to=[tensorboard, neptune]"])
+    # Only report_to reads a bare name as a list: peft reads a string target_modules as a regex.
+    with pytest.raises(DataError, match=r"model\.lora\.target_modules: expected a list"):
+        recipe_from_dict(_minimal(), ["model.lora.target_modules=q_proj"])
+
+
+def test_a_datasets_source_is_one_of_the_three():
+    recipe = recipe_from_dict({"model": {"name_or_path": "m"}, "data": {"dataset_path": "prefs.parquet"}})
+    assert (recipe.data.dataset_path, recipe.data.dataset_split) == ("prefs.parquet", "train")
+    with pytest.raises(DataError, match="set exactly one of data.meta_path, data.jsonl_path and data.dataset_path"):
+        recipe_from_dict(_minimal(data={"dataset_path": "prefs.parquet"}))

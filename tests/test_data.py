@@ -11,9 +11,10 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from mpo.config import DataConfig
-from mpo.data import PreferenceDataset, append_skipped, load_records, read_meta
+from mpo.data import PreferenceDataset, load_records, read_meta
 from mpo.errors import DataError
 from mpo.inputs import load_video_frames
+from mpo.skips import SkipLog
 
 GOOD = {"image": "ok.png", "question": "<image>\nHow many circles?", "chosen": "Two.\nFinal answer: 2",
         "rejected": "Three.\nFinal answer: 3"}
@@ -57,8 +58,8 @@ def _error(tmp_path: Path, bad_line) -> DataError:
 @pytest.mark.parametrize(
     "bad_line, field, reason",
     [
-        ('{"image": "ok.png", "question": "q", "chosen": "a"', "<line>", "malformed JSON"),
-        ('["not", "an", "object"]', "<line>", "expected a JSON object"),
+        ('{"image": "ok.png", "question": "q", "chosen": "a"', "<line>", "malformed JSON (Expecting ',' delimiter at column 51)"),
+        ('["not", "an", "object"]', "<line>", "expected a JSON object, got list"),
         ({k: v for k, v in GOOD.items() if k != "chosen"}, "chosen", "missing or empty"),
         ({k: v for k, v in GOOD.items() if k != "rejected"}, "rejected", "missing or empty"),
         ({**GOOD, "chosen": "   "}, "chosen", "missing or empty"),
@@ -101,7 +102,7 @@ def test_skip_mode_collects_errors_and_keeps_good_records(tmp_path):
     records = load_records(config, seed=0, skipped=skipped)
     assert [r.source.rsplit(":", 1)[1] for r in records] == ["1", "5"]
     assert [(e.line, e.field) for e in skipped] == [(2, "<line>"), (3, "image"), (4, "rejected")]
-    append_skipped(tmp_path / "run", skipped)
+    assert SkipLog(tmp_path / "run", start_over=True).add(skipped) == skipped
     written = [json.loads(line) for line in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
     assert [(w["file"], w["line"], w["field"]) for w in written] == [
         (str(annotation.resolve()), 2, "<line>"), (str(annotation.resolve()), 3, "image"),
@@ -301,3 +302,115 @@ def test_shipped_example_matches_its_generator(tiny_mmpr_dir):
                                           np.asarray(Image.open(tiny_mmpr_dir / relative)), err_msg=str(relative))
         else:
             assert (shipped / relative).read_text() == (tiny_mmpr_dir / relative).read_text(), relative
+
+
+# ---------------------------------------------------------------- the released MMPR-v1.2 layout
+
+
+def _mmpr_v12(parent: Path) -> Path:
+    """``parent/MMPR-v1.2/`` laid out as the download is: meta.json's root and annotation are
+    relative to ``parent`` (the official scripts' working directory), not to meta.json's folder."""
+    dataset = parent / "MMPR-v1.2"
+    name = "ai2d_train_12k_en_20240410_extracted_pairs_vqa_correctness_rules"
+    images = dataset / "images" / "AI2D" / "abc_images"
+    images.mkdir(parents=True)
+    Image.new("RGB", (64, 48), (20, 200, 20)).save(images / "1001.png")
+    (dataset / "annotations").mkdir()
+    line = {"image": "1001.png", "question": "<image>\nWhich label is the sun?\nA. A\nB. B", "chosen": "It is A.\nFinal answer: A",
+            "rejected": "It is B.\nFinal answer: B"}
+    (dataset / "annotations" / f"{name}.jsonl").write_text(json.dumps(line) + "\n")
+    meta = {name: {"root": "MMPR-v1.2/images/AI2D/abc_images", "annotation": f"MMPR-v1.2/annotations/{name}.jsonl",
+                   "data_augment": False, "repeat_time": 1, "length": 1}}
+    (dataset / "meta.json").write_text(json.dumps(meta, indent=2))
+    return dataset / "meta.json"
+
+
+def test_released_mmpr_v12_layout_loads(tmp_path, monkeypatch):
+    """Old: `.../MMPR-v1.2/MMPR-v1.2/annotations/...: annotation file not found`. The paths are
+    found from meta.json's parent; with the shipped 1B recipe's own relative meta_path too."""
+    meta = _mmpr_v12(tmp_path)
+    (record,) = load_records(DataConfig(meta_path=str(meta)), seed=0)
+    assert record.images == [str(tmp_path / "MMPR-v1.2" / "images" / "AI2D" / "abc_images" / "1001.png")]
+    assert record.source.startswith(str(tmp_path / "MMPR-v1.2" / "annotations" / "ai2d_train"))
+    from mpo.config import load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "internvl3_1b_mpo.yaml")
+    assert recipe.data.meta_path == "MMPR-v1.2/meta.json"
+    assert len(load_records(recipe.data, recipe.seed)) == 1
+
+
+def test_data_root_names_where_relative_paths_start(tmp_path):
+    """data.data_root is the only place tried when set; every place tried is named when the
+    annotation is in none of them."""
+    meta = _mmpr_v12(tmp_path / "datasets")
+    assert len(load_records(DataConfig(meta_path=str(meta), data_root=str(tmp_path / "datasets")), seed=0)) == 1
+    with pytest.raises(DataError) as wrong_root:
+        load_records(DataConfig(meta_path=str(meta), data_root=str(tmp_path)), seed=0)
+    name = "ai2d_train_12k_en_20240410_extracted_pairs_vqa_correctness_rules"
+    assert str(wrong_root.value) == (f"{meta}: {name}.annotation: annotation file not found; tried "
+                                     f"{tmp_path}/MMPR-v1.2/annotations/{name}.jsonl")
+    (meta.parent / "annotations" / f"{name}.jsonl").unlink()
+    with pytest.raises(DataError) as nowhere:
+        load_records(DataConfig(meta_path=str(meta)), seed=0)
+    assert str(nowhere.value).endswith(f"annotation file not found; tried {meta.parent}/MMPR-v1.2/annotations/{name}.jsonl, "
+                                       f"{tmp_path}/datasets/MMPR-v1.2/annotations/{name}.jsonl")
+
+
+# ---------------------------------------------------------------- the path rule: as written
+
+
+def _linked_dataset(tmp_path: Path) -> tuple[Path, Path]:
+    """``(data, elsewhere)``: ``data/images/photos -> elsewhere/photos`` (a folder outside the
+    data, as on clusters: ``images -> /mnt/datasets/...``), ``data/images/one.png ->
+    elsewhere/one.png``, and ``data/linked -> elsewhere/photos`` to use as a subset's root."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "photos").mkdir(parents=True)
+    Image.new("RGB", (64, 64), (9, 90, 200)).save(elsewhere / "photos" / "p.png")
+    Image.new("RGB", (64, 64), (9, 90, 200)).save(elsewhere / "one.png")
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "images" / "photos").symlink_to(elsewhere / "photos")
+    (data / "images" / "one.png").symlink_to(elsewhere / "one.png")
+    (data / "linked").symlink_to(elsewhere / "photos")
+    return data, elsewhere
+
+
+def _records(data: Path, root: str, lines: list[dict], skipped=None):
+    (data / "a.jsonl").write_text("".join(json.dumps({**GOOD, **line}) + "\n" for line in lines))
+    (data / "meta.json").write_text(json.dumps({"s": {"root": root, "annotation": "a.jsonl"}}))
+    return load_records(DataConfig(meta_path=str(data / "meta.json")), seed=0, skipped=skipped)
+
+
+def test_symlinks_inside_the_root_are_the_users(tmp_path):
+    """Old: `path 'photos/p.png' is outside the image root` (the link was resolved first). The
+    paths stay as written (links not resolved), so the pipeline's output and the trainer agree."""
+    data, _ = _linked_dataset(tmp_path)
+    records = _records(data, "images", [{"image": "photos/p.png"}, {"image": "one.png"},
+                                        {"image": str(data / "images" / "photos" / "p.png")}])
+    assert [r.images for r in records] == [[str(data / "images" / "photos" / "p.png")], [str(data / "images" / "one.png")],
+                                           [str(data / "images" / "photos" / "p.png")]]
+    (record,) = _records(data, "linked", [{"image": "p.png"}])
+    assert record.images == [str(data / "linked" / "p.png")]
+
+
+@pytest.mark.parametrize(
+    "image, reason",
+    [
+        ("../secret.png", "path '../secret.png' is outside the image root {root}: '..' is not allowed"),
+        ("photos/../../secret.png", "path 'photos/../../secret.png' is outside the image root {root}: '..' is not allowed"),
+        ("photos/../one.png", "path 'photos/../one.png' is outside the image root {root}: '..' is not allowed"),
+        ("{elsewhere}/photos/p.png", "path '{elsewhere}/photos/p.png' is outside the image root {root}"),
+        ("/etc/hostname", "path '/etc/hostname' is outside the image root {root}"),
+    ],
+)
+def test_paths_escaping_the_root_as_written_are_refused(tmp_path, image, reason):
+    """No `..` component (through a link it would climb out of the link's target), no absolute
+    path outside the root as written, even one that the root's links lead to."""
+    data, elsewhere = _linked_dataset(tmp_path)
+    image = image.format(elsewhere=elsewhere)
+    skipped: list[DataError] = []
+    assert _records(data, "images", [{"image": image}, {"image": "one.png"}], skipped)[0].source.endswith(":2")
+    (error,) = skipped
+    assert (error.line, error.field) == (1, "image")
+    assert error.reason == reason.format(root=data / "images", elsewhere=elsewhere)

@@ -11,19 +11,24 @@ the first DeepSpeed one a ~45 s JIT build of a communication op, cached in TORCH
 
 ====================  ==========================================================================
 single_gpu.yaml       the 1-process run everything is compared with
-ddp.yaml              losses and delta match
-zero2.yaml            losses and delta match
-zero3.yaml            losses and delta match; reference sharded; the final save is one plain HF
-                      directory, equal to the 1-process one
+ddp.yaml              losses, delta and evaluation match
+zero2.yaml            losses, delta and evaluation match
+zero3.yaml            losses, delta and evaluation match; reference sharded; the final save and
+                      every checkpoint are one plain HF directory, equal to the 1-process one
 two_node_zero3.yaml   two "machines" on localhost (machine_rank 0 and 1, one process each) resume
                       the ZeRO-3 run from its step-2 checkpoint and reproduce its step 3
-zero1.yaml            LoRA: losses match a 1-process LoRA run; adapter and merged model saved
-                      (LoRA under zero3.yaml too: merged from the gathered shards)
+zero1.yaml            LoRA: losses and evaluation match a 1-process LoRA run; adapter and merged
+                      model saved, checkpoints open with peft (LoRA under zero3.yaml too: merged
+                      from the gathered shards)
 zero3_offload.yaml    ``mpo precompute-ref`` with the reference's weights offloaded to CPU; the
                       stored log-probs equal a 1-process precompute. Training with this config
                       needs DeepSpeed's CPU Adam, a further JIT build of minutes, so it is not run
                       here (it was run by hand: same losses as the 1-process run).
 ====================  ==========================================================================
+
+Every run evaluates on 11 held-out pairs (one-image, text-only, video) at steps 2 and 3: 6 and 5
+on the two processes, one micro-batch of 1 pair at a time (the second process's last one empty),
+against 2 per micro-batch in one process, so only an exact pair-weighted mean agrees.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ RECIPE = REPO / "recipes" / "tiny_cpu.yaml"
 PROBE = Path(__file__).with_name("launch_probe.py")
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 COMPARED = ("loss", "loss/dpo", "loss/bco", "loss/sft", "bco/delta", "rewards/margins", "logps/chosen", "lr", "grad_norm")
+EVALUATED = ("eval/loss", "eval/loss/dpo", "eval/loss/bco", "eval/loss/sft", "eval/rewards/margins",
+             "eval/rewards/accuracies", "eval/logps/chosen", "eval/logps/rejected")
 
 
 @pytest.fixture(scope="session")
@@ -81,6 +88,18 @@ def launch(env: dict, config: str, program: list[str], args: list[str], processe
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
 
 
+@pytest.fixture(scope="session")
+def eval_meta(tiny_mmpr_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A meta.json of 11 held-out pairs: a seeded 3 of the one-image pairs, the 5 text-only, the 3 video."""
+    spec = json.loads((tiny_mmpr_dir / "meta.json").read_text())
+    names = ("shapes_pairs_vqa_correctness_rules", "text_prefix_pair_sr0.5_wo_image", "video_pairs_vqa_correctness_rules")
+    meta = {n: dict(spec[n], root=str(tiny_mmpr_dir / spec[n]["root"]), annotation=str(tiny_mmpr_dir / spec[n]["annotation"])) for n in names}
+    meta[names[0]]["repeat_time"] = 0.3
+    path = tmp_path_factory.mktemp("eval") / "meta.json"
+    path.write_text(json.dumps(meta))
+    return path
+
+
 def overrides(model_dir: Path, data_dir: Path, out: Path, **extra) -> list[str]:
     values = {
         "model.name_or_path": model_dir,
@@ -110,6 +129,15 @@ def assert_same_losses(rows: list[dict], expected: list[dict]) -> None:
         assert [r[key] for r in rows] == pytest.approx([r[key] for r in expected], rel=1e-4, abs=1e-5), key
 
 
+def assert_same_evaluation(rows: list[dict], expected: list[dict]) -> None:
+    """Evaluated at steps 2 and 3, all 11 held-out pairs, the same means as ``expected``."""
+    evaluated, reference = [r for r in rows if "eval/loss" in r], [r for r in expected if "eval/loss" in r]
+    assert [r["step"] for r in evaluated] == [r["step"] for r in reference] == [2, 3]
+    assert {r["eval/pairs"] for r in evaluated} == {11.0}
+    for key in EVALUATED:
+        assert [r[key] for r in evaluated] == pytest.approx([r[key] for r in reference], rel=1e-4, abs=1e-5), key
+
+
 def run_in_process(args: list[str]) -> MPOTrainer:
     """A 1-process run inside pytest (accelerate's global state reset afterwards)."""
     try:
@@ -122,19 +150,21 @@ def run_in_process(args: list[str]) -> MPOTrainer:
 
 
 @pytest.fixture(scope="module")
-def launched(launch_env, tiny_model_dir, tiny_mmpr_dir, tmp_path_factory):
+def launched(launch_env, tiny_model_dir, tiny_mmpr_dir, eval_meta, tmp_path_factory):
     """``launched(config)``: the output directory of the probe trained under ``config`` (once)."""
     outputs: dict[str, Path] = {}
 
     def get(config: str) -> Path:
         if config not in outputs:
             out = tmp_path_factory.mktemp(config.removesuffix(".yaml"))
+            evaluated = {"data.eval_meta_path": eval_meta, "train.eval_every": 2}
             if config == "single_gpu.yaml":
-                args = overrides(tiny_model_dir, tiny_mmpr_dir, out, **{"train.micro_batch_size": 2})
+                args = overrides(tiny_model_dir, tiny_mmpr_dir, out, **evaluated, **{"train.micro_batch_size": 2})
                 launch(launch_env, config, [str(PROBE), str(RECIPE)], args, processes=1)
             else:
                 extra = {"train.save_every": 2} if config == "zero3.yaml" else {}
-                launch(launch_env, config, [str(PROBE), str(RECIPE)], overrides(tiny_model_dir, tiny_mmpr_dir, out, **extra))
+                args = overrides(tiny_model_dir, tiny_mmpr_dir, out, **evaluated, **extra)
+                launch(launch_env, config, [str(PROBE), str(RECIPE)], args)
             outputs[config] = out
         return outputs[config]
 
@@ -174,6 +204,7 @@ def test_two_processes_match_one_process(launched, config):
     single = launched("single_gpu.yaml")
     out = launched(config)
     assert_same_losses(metrics(out), metrics(single))
+    assert_same_evaluation(metrics(out), metrics(single))
     assert metrics(out)[2]["bco/delta"] != 0.0  # delta really moved by step 3
     (alone,) = rank_views(single, 1)
     views = rank_views(out, 2)
@@ -195,12 +226,20 @@ def test_two_processes_match_one_process(launched, config):
 @pytest.mark.slow
 def test_zero3_save_is_one_plain_transformers_directory(launched):
     """The ZeRO-3 shards are gathered into one safetensors directory that plain transformers
-    loads, holding the same weights as the 1-process run's final model."""
+    loads, holding the same weights as the 1-process run's final model; every checkpoint holds
+    such a directory beside DeepSpeed's own files, the last one the final weights."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from safetensors import safe_open
 
+    checkpoints = launched("zero3.yaml") / "checkpoints"
+    for step in (2, 3):
+        assert (checkpoints / f"step-{step:08d}" / "pytorch_model").is_dir()  # DeepSpeed's engine state
+        AutoProcessor.from_pretrained(checkpoints / f"step-{step:08d}")
+    last = AutoModelForImageTextToText.from_pretrained(checkpoints / "step-00000003").state_dict()
     final = launched("zero3.yaml") / "final"
+    gathered = AutoModelForImageTextToText.from_pretrained(final).state_dict()
+    assert last.keys() == gathered.keys() and all(torch.equal(last[k], gathered[k]) for k in last)
     assert not list(final.glob("*.bin")) and (final / "model.safetensors").exists()
     single_final = launched("single_gpu.yaml") / "final"
     with safe_open(str(final / "model.safetensors"), "pt") as a, safe_open(str(single_final / "model.safetensors"), "pt") as b:
@@ -242,24 +281,36 @@ LORA = {
 
 
 @pytest.fixture(scope="module")
-def lora_single(tiny_model_dir, tiny_mmpr_dir, tmp_path_factory) -> Path:
+def lora_single(tiny_model_dir, tiny_mmpr_dir, eval_meta, tmp_path_factory) -> Path:
     """A 1-process LoRA run (micro-batch 2), in-process."""
     out = tmp_path_factory.mktemp("lora_single")
-    run_in_process(overrides(tiny_model_dir, tiny_mmpr_dir, out, **LORA, **{"train.micro_batch_size": 2}))
+    evaluated = {"data.eval_meta_path": eval_meta, "train.eval_every": 2}
+    run_in_process(overrides(tiny_model_dir, tiny_mmpr_dir, out, **LORA, **evaluated, **{"train.micro_batch_size": 2}))
     return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["zero1.yaml", "zero3.yaml"])
-def test_lora_under_zero_matches_one_process(launch_env, lora_single, tiny_model_dir, tiny_mmpr_dir, tmp_path, config):
+def test_lora_under_zero_matches_one_process(launch_env, lora_single, tiny_model_dir, tiny_mmpr_dir, eval_meta, tmp_path, config):
     """LoRA (dropout 0, so no run draws anything at random) with the adapters-disabled reference:
-    2 processes log the 1-process losses; the final directory holds the adapter, and the merged
-    model (under ZeRO-3 merged from the gathered shards) equals the 1-process one."""
+    2 processes log the 1-process losses and evaluation; the final directory holds the adapter,
+    the merged model (under ZeRO-3 merged from the gathered shards) equals the 1-process one, and
+    the last checkpoint is the final adapter, which peft opens on the base model."""
+    from peft import PeftModel
     from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
 
     out = tmp_path / "run"
-    launch(launch_env, config, [str(PROBE), str(RECIPE)], overrides(tiny_model_dir, tiny_mmpr_dir, out, **LORA))
+    evaluated = {"data.eval_meta_path": eval_meta, "train.eval_every": 2}
+    launch(launch_env, config, [str(PROBE), str(RECIPE)], overrides(tiny_model_dir, tiny_mmpr_dir, out, **LORA, **evaluated))
     assert_same_losses(metrics(out), metrics(lora_single))
+    assert_same_evaluation(metrics(out), metrics(lora_single))
+    last = out / "checkpoints" / "step-00000003"
+    adapter = load_file(last / "adapter_model.safetensors")
+    final_adapter = load_file(out / "final" / "adapter_model.safetensors")
+    assert adapter.keys() == final_adapter.keys() and all(torch.equal(adapter[k], final_adapter[k]) for k in adapter)
+    opened = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_model_dir), last).state_dict()
+    assert all(torch.equal(opened[k.replace(".weight", ".default.weight")], v) for k, v in adapter.items())
     assert {v["reference"] for v in rank_views(out, 2)} == {"DisabledAdapterReference"}
     assert (out / "final" / "adapter_model.safetensors").exists() and (out / "final" / "adapter_config.json").exists()
     merged = load_file(out / "final" / "merged" / "model.safetensors")

@@ -108,8 +108,51 @@ def test_merged_state_dict_equals_peft_merge(tiny_model_dir, vision):
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_()  # B starts at zero: make the update non-trivial
-    merged = merge_lora_state_dict({k: v.clone() for k, v in model.state_dict().items()}, lora.alpha / lora.r)
+    merged = merge_lora_state_dict({k: v.clone() for k, v in model.state_dict().items()}, lora.alpha / lora.r, torch.float32)
     expected = model.merge_and_unload().state_dict()
     assert merged.keys() == expected.keys()
     for name, value in expected.items():
         assert torch.equal(merged[name], value), name
+
+
+def test_merged_bf16_lora_model_keeps_small_updates(tiny_model_dir, tiny_mmpr_dir, tmp_path):
+    """recipes/internvl3_8b_lora.yaml's settings (bf16 base, bf16 autocast, frozen vision tower,
+    gradient checkpointing, lr 2e-5) for 3 steps: the adapter moves the summed log-probs by ~1e-2.
+    Those updates are mostly below half a bf16 step of their base weights: merged into bf16 they
+    would lose most of that (~6e-3 here). The merged model is written in fp32 and scores like base +
+    adapter within fp32 rounding (both evaluated in fp32 on the bf16 base the adapter trained on)."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    out = tmp_path / "run"
+    recipe = load_recipe(
+        Path(__file__).resolve().parents[1] / "recipes" / "internvl3_8b_lora.yaml",
+        [
+            f"model.name_or_path={tiny_model_dir}", f"data.meta_path={tiny_mmpr_dir / 'meta.json'}", f"output_dir={out}",
+            "data.num_workers=0", "data.max_dynamic_patch=4", "data.video_frames=4", "report_to=none",
+            "model.lora.r=4", "model.lora.alpha=8", "model.lora.dropout=0.0", "train.max_steps=3",
+            "train.micro_batch_size=2", "train.gradient_accumulation_steps=1", "train.save_every=0",
+        ],
+    )  # fmt: skip
+    assert (recipe.model.dtype, recipe.train.mixed_precision, recipe.model.lora.merge_on_save) == ("bfloat16", "bf16", True)
+    trainer = MPOTrainer(recipe)
+    try:
+        trainer.train()
+        pairs = [trainer.dataset[i] for i in range(len(trainer.dataset))]
+        batches = [trainer.collate(pairs[i : i + 6]) for i in range(0, len(pairs), 6)]
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+    def bf16_base():
+        return AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).float()
+
+    base = _logps(PreferenceForward(bf16_base()), batches)
+    adapter = _logps(PreferenceForward(PeftModel.from_pretrained(bf16_base(), out / "final")), batches)
+    merged_model = AutoModelForImageTextToText.from_pretrained(out / "final" / "merged")
+    assert merged_model.dtype == torch.float32
+    merged = _logps(PreferenceForward(merged_model), batches)
+    rounded = _logps(PreferenceForward(merged_model.to(torch.bfloat16).float()), batches)
+    assert (adapter - base).abs().max() > 5e-3
+    torch.testing.assert_close(merged, adapter, rtol=0, atol=2e-4)
+    assert (rounded - adapter).abs().max() > 2e-3

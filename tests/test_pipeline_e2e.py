@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,13 +28,16 @@ import torch
 from PIL import Image
 
 from data_pipeline.__main__ import main
-from data_pipeline.backends import BackendError, GenerationRequest, OpenAIBackend, SamplingParams, TransformersBackend
+from data_pipeline.backends import BackendError, GenerationRequest, SamplingParams, TransformersBackend
 from data_pipeline.dropout_ntp import NTPSettings, continuation_request, continue_without_image
 from data_pipeline.extract import extract_final_answer
 from data_pipeline.match import judge
+from data_pipeline.openai_client import OpenAIBackend
 from data_pipeline.prompts import build_cot_prompt, get_template
 from data_pipeline.records import SampleRecord, read_log
 from data_pipeline.server import ChatServer
+from loopback import free_port, serving
+from mpo.prompting import INTERNVL_SYSTEM_MESSAGE, encode_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS, TAUGHT_LOSS = 400, 0.1
@@ -55,10 +57,8 @@ SAMPLING = ["--num-samples", "6", "--max-new-tokens", "16", "--max-tiles", "2", 
 
 
 def _teach(model_dir: Path, image_dir: Path) -> None:
-    """SFT steps on the three TARGETS after each prompt shape the tests use."""
+    """SFT steps on the three TARGETS after each prompt shape the tests use (with the default system turn)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from mpo.inputs import encode_prompt
 
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
@@ -68,9 +68,9 @@ def _teach(model_dir: Path, image_dir: Path) -> None:
     for question, images in [("How many shapes are there?", [image]), ("Describe the image.", [image]),
                              ("How many shapes are there?", [image, image])]:
         prompt = build_cot_prompt(question, len(images), TEMPLATE)
-        prompt_length = encode_prompt(processor, prompt, images, 2)["input_ids"].shape[1]
+        prompt_length = encode_prompt(processor, prompt, images, 2, INTERNVL_SYSTEM_MESSAGE)["input_ids"].shape[1]
         for target in TARGETS:
-            encoded = encode_prompt(processor, prompt, images, 2, assistant_prefix=target + "<|im_end|>")
+            encoded = encode_prompt(processor, prompt, images, 2, INTERNVL_SYSTEM_MESSAGE, assistant_prefix=target + "<|im_end|>")
             label = encoded["input_ids"][0].clone()
             label[:prompt_length] = -100
             rows.append(encoded["input_ids"][0]), labels.append(label), tiles.append(encoded["pixel_values"])
@@ -142,16 +142,19 @@ def test_build_writes_mmpr_the_trainer_reads(workspace: Path, built: Path, capsy
     assert (summary["questions"], summary["samples"]) == (5, 30)
     assert summary["bad_inputs"] == [
         f"{workspace / 'with_bad.jsonl'}:6: image: image not found: {workspace / 'images' / 'missing.png'}",
-        f"{workspace / 'with_bad.jsonl'}:7: line: malformed JSON (Expecting property name enclosed in double quotes at column 2)",
+        f"{workspace / 'with_bad.jsonl'}:7: <line>: malformed JSON (Expecting property name enclosed in double quotes at column 2)",
     ]
     assert [r["message"] for r in _lines(out / "work" / "shapes" / "bad_inputs.jsonl")] == summary["bad_inputs"]
     meta = json.loads((out / "meta.json").read_text())
     assert sorted(meta) == ["shapes_pairs_vqa_correctness_rules", "shapes_pairs_vqa_format_rules", "shapes_prefix_pair_sr0.5_wo_image"]
     matched = {r["id"]: r for r in _lines(out / "work" / "shapes" / "matched.jsonl")}
     assert sorted(matched) == ["q1", "q2", "q3", "q4", "q5"]
+    assert not [p for p in out.rglob("*") if "lock" in p.name]  # no lock files left next to the outputs
     for name, entry in meta.items():
-        assert set(entry) == {"root", "annotation", "repeat_time", "length"}
+        assert set(entry) == {"root", "annotation", "repeat_time", "length", "max_dynamic_patch", "system_prompt"}
+        assert entry["system_prompt"] == INTERNVL_SYSTEM_MESSAGE  # --system-prompt auto, recorded for the trainer
         assert entry["root"] == str(workspace / "images") and entry["repeat_time"] == 1.0
+        assert entry["max_dynamic_patch"] == 2  # the --max-tiles of SAMPLING
         assert entry["annotation"] == str(out / "annotations" / f"{name}.jsonl")
         assert entry["length"] == len(_lines(Path(entry["annotation"]))) > 0
 
@@ -222,7 +225,9 @@ def test_stage_commands_reproduce_build(workspace: Path, built: Path, tmp_path: 
     assert main(["dropout-ntp", "--samples", str(samples), "--out", str(ntp), *ntp_flags]) == 0
     assert main(["pair", "--matched", str(matched), "--ntp", str(ntp), "--image-root", images, "--out-dir", str(out)]) == 0
     assert _annotations(out) == _annotations(built)
-    assert json.loads((out / "meta.json").read_text()).keys() == json.loads((built / "meta.json").read_text()).keys()
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta.keys() == json.loads((built / "meta.json").read_text()).keys()
+    assert {entry["max_dynamic_patch"] for entry in meta.values()} == {2}  # read from the logs: pair has no --max-tiles
     assert _lines(tmp_path / "m.resample.jsonl") == _lines(built / "work" / "shapes" / "resample.jsonl")
 
 
@@ -252,7 +257,7 @@ def test_dropout_ntp_continues_without_the_image(workspace: Path, tmp_path: Path
                           answer=None, answer_format="final_answer",
                           responses=["The image shows one red square on a plain background."], finish_reasons=["stop"])
     request = continuation_request(record, "The image shows one red", seed=0)
-    assert request.images == () and "<image>" not in request.question
+    assert request.images == () and "<image>" not in request.question and request.system_prompt is None
     encoded = backend.encode(request, max_tiles=6)
     assert "pixel_values" not in encoded
     image_token = backend.processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
@@ -322,14 +327,8 @@ def test_killed_sample_run_resumes_to_the_same_records(workspace: Path, tmp_path
 @pytest.fixture(scope="module")
 def server(workspace: Path) -> Iterator[str]:
     """``mpo-data serve``'s server on an ephemeral loopback port, in a thread of this process."""
-    chat_server = ChatServer(TransformersBackend(workspace / "model"), "tiny", "127.0.0.1", 0, max_tokens=16, max_tiles=2)
-    thread = threading.Thread(target=chat_server.serve_forever, daemon=True)
-    thread.start()
-    host, port = chat_server.server_address[:2]
-    yield f"http://{host}:{port}/v1"
-    chat_server.shutdown()
-    chat_server.server_close()
-    thread.join(timeout=30)
+    with serving(ChatServer(TransformersBackend(workspace / "model"), "tiny", "127.0.0.1", 0, max_tokens=16, max_tiles=2)) as url:
+        yield url
 
 
 def test_openai_backend_matches_local_generation(workspace: Path, tmp_path: Path, server: str) -> None:
@@ -353,21 +352,16 @@ def test_openai_backend_matches_local_generation(workspace: Path, tmp_path: Path
     # A request the server refuses is a 400 with its reason, raised at once (not retried).
     with pytest.raises(BackendError, match="HTTP 400 .*0 < top_p <= 1"):
         client.generate([request], SamplingParams(top_p=0.0))
-    body = json.dumps({"messages": [{"role": "user", "content": "<image> without an image"}]}).encode()
+    body = json.dumps({"messages": [{"role": "user", "content": "<image> as text"}]}).encode()
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(urllib.request.Request(server + "/chat/completions", data=body, method="POST"), timeout=30)
     assert refused.value.code == 400
-    assert json.loads(refused.value.read())["error"]["message"] == "the text holds <image> but no image was sent"
+    assert json.loads(refused.value.read())["error"]["message"] == "the text holds <image> or <video>; send images as image_url parts"
     client.close()
 
 
 def test_openai_backend_gives_up_after_retries(tmp_path: Path) -> None:
-    import socket
-
-    with socket.socket() as probe:  # a loopback port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    client = OpenAIBackend(f"http://127.0.0.1:{port}", model="m", timeout=2, retries=1)
+    client = OpenAIBackend(f"http://127.0.0.1:{free_port()}", model="m", timeout=2, retries=1)
     with pytest.raises(BackendError, match="gave up after 2 attempts"):
         client.generate([GenerationRequest(question="hi")], SamplingParams(max_new_tokens=2))
     client.close()

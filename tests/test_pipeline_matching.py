@@ -39,6 +39,13 @@ FINAL_ANSWER_CASES = [
     ("Reasoning.\nFinal answer: 3\nbecause of the red one", None),  # answer spans two lines
     ("Reasoning.\nFinal answer:   ", None),  # empty answer
     ("Reasoning.\nfinal answer: 3", None),  # lowercase trigger is not the format
+    ("先数圆。\n答案: 3", "3"),  # the Chinese prompt's trigger (official: 答案:)
+    ("先数圆。\n答案：3", "3"),  # ... with the full-width colon its answers use
+    ("共有三个，所以最终答案：B", "B"),  # 最终答案： ends in the trigger
+    ("答案：3", None),  # no rationale before it
+    ("想。答案: 3。再想。答案: 4。又想。答案: 5", None),  # 3 triggers
+    ("圆是红的，答案: 4\nSo in the end.\nFinal answer: 3", "3"),  # "Final answer:" comes first in the order
+    ("Reasoning.\nRéponse finale : 3", None),  # other languages' triggers are unparsable
 ]
 
 
@@ -95,8 +102,15 @@ SCORE_CASES = [
     ("45 degrees", "45", numeric_score, 1.0),
     ("50%", "50", numeric_score, 1.0),
     ("1,234", "1234", numeric_score, 1.0),
-    ("100.1", "100", numeric_score, 1.0),  # |0.1| <= 1e-3 * 100: inside, at the boundary
-    ("100.2", "100", numeric_score, 0.0),  # just outside
+    ("1,000", "1000", numeric_score, 1.0),
+    ("3.0", "3", numeric_score, 1.0),  # the same integer
+    ("100.1", "100", numeric_score, 0.0),  # an integer truth is exact (1e-3 relative accepted this)
+    ("1001", "1000", numeric_score, 0.0),
+    ("2018", "2020", numeric_score, 0.0),  # years
+    ("-3", "3", numeric_score, 0.0),  # the sign counts
+    ("12.51", "12.5", numeric_score, 1.0),  # a non-integer truth: 0.08 % is inside 1e-3
+    ("12.52", "12.5", numeric_score, 0.0),  # 0.16 % is outside
+    ("3.1416", "3.14159", numeric_score, 1.0),
     ("0.0001", "0", numeric_score, 0.0),  # zero truth needs exactly zero
     ("12 apples", "12", numeric_score, 0.0),  # not a unit this mode strips
     ("\\frac{1}{2}", "0.5", math_score, 1.0),
@@ -105,15 +119,33 @@ SCORE_CASES = [
     ("x^2+2x+1", "(x+1)^2", math_score, 1.0),
     ("3", "3\\pi", math_score, 0.0),  # bare 3\pi must not parse as 3
     ("0.333", "1/3", math_score, 0.0),
+    ("0.333333", "1/3", math_score, 1.0),  # math-verify's rounding, on a non-integer
+    ("3.0", "3", math_score, 1.0),
+    ("2.0000001", "2.0", math_score, 0.0),  # plain numbers: the numeric rule (math-verify rounds it to 2)
+    ("1001", "1000", math_score, 0.0),
+    ("-3", "3", math_score, 0.0),
+    ("x-1", "x+1", math_score, 0.0),
+    ("2+3", "2/3", math_score, 0.0),
     ("yes", "no", math_score, 0.0),
     ("Two dogs", "2 dogs", vqa_score, 1.0),  # number words and case
     ("the cat.", "cat", vqa_score, 1.0),  # articles and final period
     ("isnt", "isn't", vqa_score, 1.0),  # contraction restored
-    ("red-white", "red white", vqa_score, 1.0),  # glued punctuation becomes a space
+    ("red-white", "red white", vqa_score, 1.0),  # a hyphen between words becomes a space
+    ("black/white", "black white", vqa_score, 1.0),  # ... a slash too
+    ("-3", "3", vqa_score, 0.0),  # signs and operators survive (EvalAI's rules turn them into spaces)
+    ("x-1", "x+1", vqa_score, 0.0),
+    ("2+3", "2/3", vqa_score, 0.0),
+    ("x>2", "x<2", vqa_score, 0.0),
+    ("x = 2", "x=2", vqa_score, 1.0),  # spaces around an operator do not count
+    ("- 3", "-3", vqa_score, 1.0),
+    ("1,2", "12", vqa_score, 0.0),  # only a thousands separator is dropped
+    ("1,000", "1000", vqa_score, 1.0),
     ("3.5", "35", vqa_score, 0.0),  # a decimal point is kept
     (".5", "5", vqa_score, 0.0),  # ... also a leading one
     ("", "", vqa_score, 0.0),  # nothing matches nothing
-    ("21", "20", relaxed_score, 1.0),  # within 5 %
+    ("21", "20", relaxed_score, 1.0),  # within 5 %: charts keep their tolerance on integers
+    ("-20", "20", relaxed_score, 0.0),
+    ("x-1", "x+1", relaxed_score, 0.0),
     ("21.5", "20", relaxed_score, 0.0),  # 7.5 % off
     ("2019", "2018", relaxed_score, 0.0),  # years are exact
     ("52%", "50", relaxed_score, 1.0),
@@ -121,6 +153,7 @@ SCORE_CASES = [
     ("hello wrld", "hello world", anls_score, 1 - 1 / 11),
     ("xyz", "abc", anls_score, 0.0),  # the official bug scored this 1.0 (distance 3 / 3)
     ("abcdef", "abcxyz", anls_score, 0.5),  # at the threshold: kept
+    ("x-1", "x+1", anls_score, 2 / 3),  # a similarity, judged wrong (not > 0.9)
     ("abcdefg", "abcxyzw", anls_score, 0.0),  # 3/7 similarity: below 0.5
     ("Apple  Inc", "apple inc", anls_score, 1.0),  # case and spacing normalised
 ]
@@ -144,6 +177,24 @@ JUDGE_CASES = [
     ("hello world!", "hello world", ("exact", "anls"), True, "anls"),  # 11/12 = 0.917 > 0.9
     ("104", "100", ("exact", "relaxed"), True, "relaxed"),
     ("104", "100", DEFAULT_MODES, False, None),  # 4 % is far outside 1e-3
+    # Wrong answers every default mode must refuse (each was judged correct before).
+    ("-3", "3", DEFAULT_MODES, False, None),
+    ("x-1", "x+1", DEFAULT_MODES, False, None),
+    ("2+3", "2/3", DEFAULT_MODES, False, None),
+    ("x>2", "x<2", DEFAULT_MODES, False, None),
+    ("2018", "2020", DEFAULT_MODES, False, None),
+    ("1001", "1000", DEFAULT_MODES, False, None),
+    ("(1,2)", "12", DEFAULT_MODES, False, None),
+    # ... and right ones they must still accept.
+    ("3.0", "3", DEFAULT_MODES, True, "numeric"),
+    ("1,000", "1000", DEFAULT_MODES, True, "numeric"),
+    ("12 cm", "12", DEFAULT_MODES, True, "numeric"),
+    ("B. blue", "B", DEFAULT_MODES, True, "option"),
+    ("x + 1", "x+1", DEFAULT_MODES, True, "vqa"),
+    ("x^2+2x+1", "(x+1)^2", DEFAULT_MODES, True, "math"),
+    ("-\\frac{1}{2}", "-0.5", DEFAULT_MODES, True, "math"),
+    ("2019", "2018", ("exact", "relaxed"), False, None),  # charts: years exact
+    ("-3", "3", ("exact", "anls"), False, "anls"),  # ANLS 0.5: kept as a score, not > 0.9
 ]
 
 

@@ -118,7 +118,8 @@ def test_write_mmpr_layout_and_deduplication(tmp_path: Path) -> None:
     ])
     result = build_answer_pairs(records)
     subsets = {**group_by_dataset(result.correctness, CORRECTNESS_SUFFIX), **group_by_dataset(result.format, FORMAT_SUFFIX)}
-    report = write_mmpr(tmp_path, tmp_path / "images", subsets)
+    system_prompts = {name: "sys" if name.startswith("toy") else None for name in subsets}
+    report = write_mmpr(tmp_path, tmp_path / "images", subsets, 12, system_prompts)
     assert {name: (r["pairs"], r["duplicates"]) for name, r in report.items()} == {
         "toy_pairs_vqa_correctness_rules": (4, 4), "toy_pairs_vqa_format_rules": (2, 2),
         "text_pairs_vqa_correctness_rules": (4, 0), "text_pairs_vqa_format_rules": (2, 0),
@@ -129,15 +130,21 @@ def test_write_mmpr_layout_and_deduplication(tmp_path: Path) -> None:
         "annotation": str(tmp_path / "annotations" / "toy_pairs_vqa_format_rules.jsonl"),
         "repeat_time": 1.0,
         "length": 2,
+        "max_dynamic_patch": 12,
+        "system_prompt": "sys",
     }
+    assert meta["text_pairs_vqa_format_rules"]["system_prompt"] is None  # sampled without a system turn
     lines = [json.loads(x) for x in (tmp_path / "annotations" / "text_pairs_vqa_correctness_rules.jsonl").read_text().splitlines()]
     assert len(lines) == 4 and all("image" not in line for line in lines)  # text-only: no image key
     assert list(lines[0])[:4] == ["question", "chosen", "rejected", "answer_gt"]
     # A second write with no pairs for a subset removes its stale file and meta entry.
-    write_mmpr(tmp_path, tmp_path / "images", {"toy_pairs_vqa_format_rules": []})
+    write_mmpr(tmp_path, tmp_path / "images", {"toy_pairs_vqa_format_rules": []}, 12, {"toy_pairs_vqa_format_rules": "sys"})
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert "toy_pairs_vqa_format_rules" not in meta and "toy_pairs_vqa_correctness_rules" in meta
     assert not (tmp_path / "annotations" / "toy_pairs_vqa_format_rules.jsonl").exists()
+    # Removing the last subsets leaves no meta.json rather than a "{}" the trainer would refuse.
+    write_mmpr(tmp_path, tmp_path / "images", {name: [] for name in meta}, 12, {name: None for name in meta})
+    assert not (tmp_path / "meta.json").exists()
 
 
 @pytest.mark.parametrize(
@@ -202,7 +209,7 @@ def test_read_questions_reports_file_line_and_field(tmp_path: Path) -> None:
     questions, bad = read_questions(path, "ds", skip_bad=True)
     assert [str(e) for e in bad] == [
         f"{path}:2: question: missing or not a non-empty string",
-        f"{path}:3: line: malformed JSON (Expecting property name enclosed in double quotes at column 2)",
+        f"{path}:3: <line>: malformed JSON (Expecting property name enclosed in double quotes at column 2)",
     ]
     assert [(q.id, q.images, q.answer) for q in questions] == [("1", ("a.png",), "3"), ("4", (), ["1", "2"]), ("7", (), None)]
 
@@ -217,6 +224,7 @@ def test_append_log_drops_torn_tail_and_locks(tmp_path: Path) -> None:
         with pytest.raises(ResumeError, match="another process"):
             AppendLog(path).__enter__()
     assert path.read_text() == '{"id": "a"}\n{"id": "b"}\n{"id": "c"}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["log.jsonl"]  # the log locked itself: no lock file left
 
 
 def test_merge_refuses_conflicting_shards() -> None:
@@ -254,8 +262,8 @@ def test_cli_bad_image_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureF
     assert err[0].startswith(f"mpo-data: error: {questions}:1: image: cannot decode image {tmp_path / 'broken.png'}")
     assert not (tmp_path / "s.jsonl").exists() or read_log(tmp_path / "s.jsonl") == []  # stopped before any work
     # With --skip-bad both bad lines are logged as skipped; the good one then needs the model,
-    # which does not exist: again one line, not a traceback.
-    assert main([*args, "--skip-bad"]) == 2
+    # which does not load: again one line, not a traceback, and a failure of the run (1), not of its input.
+    assert main([*args, "--skip-bad"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"mpo-data: error: cannot load model from {model}")
     skipped = read_log(tmp_path / "s.jsonl")

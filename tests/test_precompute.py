@@ -4,6 +4,7 @@ a file that no longer matches the data, the model or the tiling/length settings 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -100,23 +101,45 @@ def _fine_tuned_copy(model_dir: Path, out: Path) -> Path:
     return out
 
 
+def _replace_image(data: Path, keep_stat: bool = False) -> None:
+    """Another picture under the same name (same size and modification time with ``keep_stat``)."""
+    image = data / "images" / "shapes_03.png"
+    before = image.stat()
+    replacement = (data / "images" / "shapes_04.png").read_bytes()
+    if keep_stat:
+        original = image.read_bytes()
+        replacement = bytes(b ^ 0xFF for b in original)  # same length, other bytes
+    image.write_bytes(replacement)
+    if keep_stat:
+        os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
 @pytest.mark.parametrize(
     "change, expected",
     [
         ("annotation", "dataset (annotations)"),
+        ("image", "dataset (images)"),
         ("model", "model (model.safetensors)"),
+        ("model.attn_implementation=eager", "model (attn_implementation)"),
         ("data.max_length=1000", "settings (max_length)"),
         ("data.max_dynamic_patch=2", "settings (max_dynamic_patch)"),
         ("data.video_frames=2", "settings (video_frames)"),
+        ("train.mixed_precision=bf16", "settings (mixed_precision)"),
+        ("forward.layout=shared_prefix", "settings (layout)"),
+        ("forward.attention=sdpa", "settings (attention)"),
     ],
 )
 def test_a_stale_file_is_refused(precomputed, tiny_model_dir, tmp_path, change, expected):
+    """The file was computed in fp32 with the plain layout and the automatic attention path:
+    another precision, layout, attention kernel or a replaced image makes it stale."""
     data, path = precomputed
     copy = tmp_path / "data"
     shutil.copytree(data, copy)
     model, extra = tiny_model_dir, []
     if change == "annotation":
         _edit_annotation(copy)
+    elif change == "image":
+        _replace_image(copy)
     elif change == "model":
         model = _fine_tuned_copy(tiny_model_dir, tmp_path / "model")
     else:
@@ -126,13 +149,34 @@ def test_a_stale_file_is_refused(precomputed, tiny_model_dir, tmp_path, change, 
     assert expected in str(error.value) and "\n" not in str(error.value)
 
 
+def test_image_fingerprint_modes_trade_cost_for_certainty(tiny_model_dir, tiny_mmpr_dir, tmp_path):
+    """An image rewritten with other bytes of the same length, its modification time put back:
+    ``stat`` (size + mtime) cannot see it, ``content`` (a hash of the bytes) does; an image
+    replaced the ordinary way changes both."""
+    from mpo.precompute import Fingerprint
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_mmpr_dir, data)
+
+    def images(mode: str) -> str:
+        recipe = load_recipe(RECIPE, _overrides(tiny_model_dir, data, tmp_path / "unused", f"reference.image_fingerprint={mode}"))
+        return Fingerprint.of(recipe, load_records(recipe.data, recipe.seed)).dataset["images"]
+
+    before = {mode: images(mode) for mode in ("stat", "content")}
+    _replace_image(data, keep_stat=True)
+    assert images("stat") == before["stat"]
+    assert images("content") != before["content"]
+    _replace_image(data)
+    assert images("stat") != before["stat"]
+
+
 def test_cli_refuses_a_stale_file_in_one_line_before_loading_models(precomputed, tiny_model_dir, tmp_path, capsys):
     from mpo.cli import main
 
     data, path = precomputed
     args = _overrides(tiny_model_dir, data, tmp_path / "run", f"reference.precomputed_path={path}", "data.max_length=1000")
     try:
-        assert main(["train", str(RECIPE), *args]) == 1
+        assert main(["train", str(RECIPE), *args]) == 2  # bad input
     finally:
         _reset()
     err = capsys.readouterr().err

@@ -11,7 +11,6 @@ import math
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -172,42 +171,19 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mpo", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-def test_cli_bad_inputs_are_one_line_errors(tiny_model_dir, tiny_mmpr_dir, tmp_path):
+def test_cli_bad_inputs_are_one_line_errors(tiny_model_dir, tiny_mmpr_dir, escaping_annotation, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps(make_recipe(tiny_model_dir, tiny_mmpr_dir, tmp_path / "run")))
     typo = _cli("train", str(recipe), "train.learning_rate=1", cwd=tmp_path)
-    assert typo.returncode == 1
+    assert typo.returncode == 2
     assert typo.stderr.strip().splitlines()[-1].startswith(f"error: {recipe}: unknown key train.learning_rate; valid keys here: train.lr,")
 
-    data = tmp_path / "data"
-    shutil.copytree(tiny_mmpr_dir, data)
-    annotation = data / "annotations" / "multi_pairs_vqa_correctness_rules.jsonl"
-    lines = annotation.read_text().splitlines()
-    lines[2] = json.dumps({"image": ["../../../etc/passwd"], "question": "<image>\nQ", "chosen": "a", "rejected": "b"})
-    annotation.write_text("\n".join(lines) + "\n")
-    bad = _cli("train", str(recipe), f"data.meta_path={data / 'meta.json'}", cwd=tmp_path)
-    assert bad.returncode == 1
+    annotation = escaping_annotation
+    bad = _cli("train", str(recipe), f"data.meta_path={annotation.parents[1] / 'meta.json'}", cwd=tmp_path)
+    assert bad.returncode == 2
     (last,) = bad.stderr.strip().splitlines()[-1:]
     assert last.startswith(f"error: {annotation}:3: image: path '../../../etc/passwd' is outside the image root")
     assert "Traceback" not in bad.stderr
-
-
-def test_wandb_offline_run_logs_config_and_metrics(tiny_model_dir, tiny_mmpr_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    recipe = make_recipe(tiny_model_dir, tiny_mmpr_dir, tmp_path / "run", max_steps=1)
-    recipe.update(report_to="wandb", wandb_project="mpo-test", wandb_run_name="tiny")
-    run(recipe)
-    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    (store,) = runs[0].glob("*.wandb")
-    # The offline store is protobuf records: key names appear verbatim in it. wandb's service
-    # process may still be flushing it after finish() returns on a loaded machine.
-    deadline = time.monotonic() + 60
-    while b"rewards/margins" not in (data := store.read_bytes()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for key in (b"dpo_weight", b"micro_batch_size", b"loss/bco", b"bco/delta", b"rewards/margins"):
-        assert key in data, key
 
 
 def test_gradient_checkpointing_and_bf16_autocast_train_the_same_objective(tiny_model_dir, tiny_mmpr_dir, tmp_path):
@@ -234,7 +210,7 @@ def test_vision_and_projector_rates_and_no_decay_groups(tiny_model_dir, tiny_mmp
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
     recipe = recipe_from_dict(make_recipe(tiny_model_dir, tiny_mmpr_dir, tmp_path, lr=1e-4, vision_lr=3e-4, projector_lr=2e-4))
-    optimizer = build_optimizer(model, recipe)
+    optimizer = build_optimizer(model, recipe, master_weights=False)
     ids = {id(p): n for n, p in model.named_parameters()}
     seen = {}
     for group in optimizer.param_groups:

@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mpo.demo.chains import TALLY_ENTRY
-from mpo.demo.stages import MATCH_MODES, cot_prompt, direct_prompt, write_jsonl
+from mpo.demo.stages import MATCH_MODES, SYSTEM_PROMPT, cot_prompt, direct_prompt, write_jsonl
 
 
 @dataclass
@@ -61,6 +61,7 @@ def greedy_responses(model_dir: Path, records: list[dict], image_root: Path, pro
     """The greedy response to each ``prompts[i]`` over ``records[i]["image"]``, in input order."""
     from data_pipeline.backends import GenerationRequest, SamplingParams, TransformersBackend
     from mpo.inputs import load_image
+    from mpo.prompting import resolve_system_prompt
 
     backend = TransformersBackend(model_dir, device="cpu", dtype="float32")
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, max_tiles=1)
@@ -70,7 +71,8 @@ def greedy_responses(model_dir: Path, records: list[dict], image_root: Path, pro
     with tqdm(total=len(order), desc=desc, unit="q", dynamic_ncols=True, mininterval=0.5) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            requests = [GenerationRequest(question=prompts[i], images=(load_image(image_root / records[i]["image"]),)) for i in batch]
+            requests = [GenerationRequest(question=prompts[i], images=(load_image(image_root / records[i]["image"]),),
+                                          system_prompt=resolve_system_prompt(SYSTEM_PROMPT)) for i in batch]
             for i, generation in zip(batch, backend.generate(requests, params)):
                 responses[i] = generation.texts[0]
             bar.update(len(batch))

@@ -244,7 +244,7 @@ def generate_shapes_task(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m mpo.demo.shapes OUT --train N --test M --seed S``; prints the summary."""
-    parser = argparse.ArgumentParser(prog="python -m mpo.demo.shapes", description=__doc__.split(
+    parser = argparse.ArgumentParser(prog="mpo shapes-task", description=__doc__.split(
         "\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("out_dir", help="output directory")
     parser.add_argument("--train", type=int, default=400, help="train images")

@@ -22,6 +22,9 @@ MATCH_MODES = ("exact", "numeric")
 # The SFT stage trains the chosen response only (weights 0/0/1), but an MMPR line needs a
 # non-empty rejected response; this one is never scored into the loss.
 SFT_PLACEHOLDER_REJECTED = "."
+# The demo's model is trained from scratch, so it needs no system turn, which would only add
+# tokens to every row. SFT, sampling, preference training and evaluation all render with this.
+SYSTEM_PROMPT = "none"
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,7 @@ def train(
 
     recipe = recipe_from_dict({
         "model": {"name_or_path": str(model_dir), "dtype": "float32"},
-        "data": {**data, "max_dynamic_patch": 1, "max_length": 512},
+        "data": {**data, "max_dynamic_patch": 1, "max_length": 512, "system_prompt": SYSTEM_PROMPT},
         "loss": {"beta": settings.beta, "dpo_weight": weights.dpo, "bco_weight": weights.bco,
                  "sft_weight": weights.sft},
         "forward": {"layout": settings.layout},
@@ -182,6 +185,7 @@ def build_pairs(model_dir: Path, task_dir: Path, out_dir: Path, settings: DemoSe
     from data_pipeline.dropout_ntp import NTPSettings
     from data_pipeline.records import read_questions
     from data_pipeline.sample import SampleSettings
+    from mpo.prompting import resolve_system_prompt
 
     checkable, describe = task_records(task_dir, "train")
     if settings.sample_questions:
@@ -198,7 +202,8 @@ def build_pairs(model_dir: Path, task_dir: Path, out_dir: Path, settings: DemoSe
         questions, bad = read_questions(input_path, name, skip_bad=False)
         summary = run_build(
             questions, bad, task_dir, BuildPaths.of(out_dir, name), backend,
-            SampleSettings(prompt_template(settings.prompt), num_samples, params, seed, settings.sample_batch),
+            SampleSettings(prompt_template(settings.prompt), num_samples, params, seed, settings.sample_batch,
+                           resolve_system_prompt(SYSTEM_PROMPT)),
             NTPSettings(0.5, 1, params, seed, settings.sample_batch),
             PairSettings(settings.max_pairs, seed),
             modes=MATCH_MODES, threshold=0.9, progress=progress,
