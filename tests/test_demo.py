@@ -13,13 +13,21 @@ are measured by ``mpo demo`` itself (see README), not here.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
-from mpo.demo.run import main
+from mpo.demo.chains import chain_shares
+from mpo.demo.evaluate import evaluate
+from mpo.demo.run import chosen_responses, main
 from mpo.demo.settings import PRESETS, DemoSettings, apply_overrides
+from mpo.demo.stages import METHODS as METHODS_WEIGHTS
+from mpo.demo.stages import build_pairs, generate_task, train, write_sft_data
 
 QUICK = PRESETS["quick"]
 METHODS = ("sft", "sft_direct", "mpo", "dpo", "sft_chosen")
@@ -29,10 +37,24 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    # One torch thread, as the demo recommends on a busy machine: with one thread per core, the
+    # threads of a small model's ops wait on each other when other jobs hold the cores (10x slower
+    # measured). The thread count also fixes the order of the reductions, so a rerun uses the same.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "out"
-    assert main(["--preset", "quick", "--out", str(out)]) == 0
+    with one_thread():
+        assert main(["--preset", "quick", "--out", str(out), "--threads", "1"]) == 0
     return out
 
 
@@ -127,13 +149,23 @@ def test_evaluation_and_report(demo_out: Path) -> None:
         assert len(_lines(seed / "eval" / f"{method}_tallies.jsonl")) == QUICK.test_images
     assert set(result["eval_chains"]) == set(METHODS) - {"sft_direct"}
     assert 0.0 <= result["pass_at_k"] <= 1.0
-    for shares in [result["chosen_chains"], *result["eval_chains"].values()]:
+    # The chain shares are those of the files the run wrote: every held-out response, and each
+    # distinct chosen response of the correctness pairs (none in the quick run, whose model writes
+    # no parsable answer: then no shares at all rather than three zeros).
+    train = {r["id"]: r for r in _lines(seed / "task" / "train.jsonl")}
+    test = {r["id"]: r for r in _lines(seed / "task" / "test.jsonl")}
+    assert result["chosen_chains"] == chain_shares(chosen_responses(seed / "pairs", train))
+    assert (result["chosen_chains"] == {}) == ("shapes_pairs_vqa_correctness_rules" not in result["pairs"])
+    for method, shares in result["eval_chains"].items():
+        predictions = _lines(seed / "eval" / f"{method}.jsonl")
+        assert shares == chain_shares([(p["response"], test[p["id"]]) for p in predictions])
         assert set(shares) == {"none", "perception", "reasoning"} and sum(shares.values()) == pytest.approx(1.0)
 
     report = (demo_out / "report.md").read_text()
     # The quick preset says what it checks instead of judging targets on 8 questions.
     assert "The `quick` preset checks that every stage runs" in report
-    assert "sampling error" not in report and "not met" not in report and "target" not in report
+    assert "no target is judged" in report
+    assert "sampling error" not in report and "met**" not in report and "target +10" not in report
     table = [line for line in report.splitlines() if line.startswith("| ") and "seed 0" not in line]
     for label in ("SFT model (stage 1)", "SFT model, direct prompt", "MPO (0.8 DPO + 0.2 BCO + 1.0 SFT)",
                   "DPO alone (1/0/0)", "SFT on chosen (0/0/1)"):
@@ -150,16 +182,50 @@ def test_evaluation_and_report(demo_out: Path) -> None:
 
 @pytest.mark.slow
 def test_same_seed_same_outputs(demo_out: Path, tmp_path: Path) -> None:
-    # A second run of the same seed and settings writes byte-identical data, pairs and answers.
-    assert main(["--preset", "quick", "--out", str(tmp_path / "again")]) == 0
-    first, again = demo_out / "seed0", tmp_path / "again" / "seed0"
-    files = ["task/train.jsonl", "task/test.jsonl", "sft_data/sft.jsonl", "pairs/meta.json"]
-    files += [f"eval/{method}.jsonl" for method in METHODS] + ["eval/sft_tallies.jsonl", "eval/mpo_tallies.jsonl"]
-    files += [str(p.relative_to(first)) for p in sorted((first / "pairs").glob("*/*.jsonl"))]
+    # The stages again from the run's own inputs write byte-identical files: the task, the SFT
+    # data, the pairs sampled from its SFT model, an MPO run from that model on those pairs (its
+    # losses and weights), and the greedy answers of the MPO model.
+    first = demo_out / "seed0"
+
+    with one_thread():
+        _rerun_stages(first, tmp_path)
+
+
+def _rerun_stages(first: Path, tmp_path: Path) -> None:
+    task = tmp_path / "task"
+    generate_task(task, QUICK, 0)
+    for name in ("train.jsonl", "test.jsonl", "train_describe.jsonl", "test_describe.jsonl", "images/train/000001.png"):
+        assert (task / name).read_bytes() == (first / "task" / name).read_bytes(), name
+    write_sft_data(task, tmp_path / "sft.jsonl", QUICK.prompt, QUICK.cot_share, 0)
+    assert (tmp_path / "sft.jsonl").read_bytes() == (first / "sft_data" / "sft.jsonl").read_bytes()
+
+    sft_model = first / "sft" / "final"
+    build_pairs(sft_model, task, tmp_path / "pairs", QUICK, 0, progress=False)
+    files = ["meta.json", *(str(p.relative_to(first / "pairs")) for p in sorted((first / "pairs").glob("*/*.jsonl")))]
+    files += [str(p.relative_to(first / "pairs")) for p in sorted((first / "pairs" / "work").glob("*/*.jsonl"))]
+    assert len(files) > 6
     for name in files:
-        assert (again / name).read_bytes() == (first / name).read_bytes().replace(
-            str(first).encode(), str(again).encode()), name
-    assert json.loads((again / "result.json").read_text())["accuracy"] == json.loads((first / "result.json").read_text())["accuracy"]
+        # the files name the task and pairs directories, and the work logs a hash of the settings
+        # that includes the task's path; the rest is the same line for line
+        again = (tmp_path / "pairs" / name).read_text()
+        expected = (first / "pairs" / name).read_text().replace(str(first / "pairs"), str(tmp_path / "pairs"))
+        expected = expected.replace(str(first / "task"), str(task))
+        if name == "meta.json":
+            assert again == expected
+        else:
+            assert [{k: v for k, v in json.loads(line).items() if k != "config"} for line in again.splitlines()] == [
+                {k: v for k, v in json.loads(line).items() if k != "config"} for line in expected.splitlines()], name
+
+    final = train(sft_model, {"meta_path": str(tmp_path / "pairs" / "meta.json")}, tmp_path / "mpo", METHODS_WEIGHTS["mpo"],
+                  QUICK.pref_steps, QUICK.pref_batch, QUICK.pref_lr, QUICK.pref_warmup, QUICK, 0)
+    losses = [{k: v for k, v in m.items() if k.startswith(("loss", "rewards", "bco"))} for m in _lines(tmp_path / "mpo" / "metrics.jsonl")]
+    assert losses == [{k: v for k, v in m.items() if k.startswith(("loss", "rewards", "bco"))} for m in _lines(first / "mpo" / "metrics.jsonl")]
+    weights, reference = load_file(final / "model.safetensors"), load_file(first / "mpo" / "final" / "model.safetensors")
+    assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
+
+    test_questions = _lines(task / "test.jsonl")
+    evaluate(final, test_questions, task, tmp_path / "mpo.jsonl", QUICK.max_new_tokens, QUICK.eval_batch, QUICK.prompt)
+    assert (tmp_path / "mpo.jsonl").read_bytes() == (first / "eval" / "mpo.jsonl").read_bytes()
 
 
 def test_settings_overrides() -> None:
@@ -197,7 +263,7 @@ def test_targets_and_evidence() -> None:
 
 
 def test_chain_checker() -> None:
-    from mpo.demo.chains import chain_shares, check_chain
+    from mpo.demo.chains import check_chain
 
     record = {"question": "Red shapes are worth 3 points, green shapes 1 point and blue shapes 2 points. "
                           "How many points are all the shapes worth?", "answer": "9",
@@ -225,6 +291,7 @@ def test_chain_checker() -> None:
     responses = [record["cot"], "red 2, green 2, blue 1.\nFinal answer: 9", "red 2, green 1, blue 1. 2 x 3 = 6.\nFinal answer: 6",
                  record["cot"]]
     assert chain_shares([(response, record) for response in responses]) == {"none": 0.5, "perception": 0.25, "reasoning": 0.25}
+    assert chain_shares([]) == {}  # nothing checked: no shares, not three zeros
 
 
 def test_tally_accuracy_and_pass_at_k(tmp_path: Path) -> None:

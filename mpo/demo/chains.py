@@ -85,6 +85,7 @@ def check_chain(response: str, record: dict) -> ChainCheck:
 
 def chain_shares(responses: list[tuple[str, dict]]) -> dict[str, float]:
     """Over (response, record) pairs: the share of right chains, of chains with a perception error
-    and of chains with a right tally and a reasoning error (the three add up to 1)."""
+    and of chains with a right tally and a reasoning error (the three add up to 1); no pairs: ``{}``
+    (no shares to report, rather than three zeros that read as a measurement)."""
     errors = [check_chain(response, record).error for response, record in responses]
-    return {kind: errors.count(kind) / len(errors) if errors else 0.0 for kind in ("none", "perception", "reasoning")}
+    return {kind: errors.count(kind) / len(errors) for kind in ("none", "perception", "reasoning")} if errors else {}

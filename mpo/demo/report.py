@@ -100,12 +100,14 @@ def evidence(results: list[SeedResult]) -> list[str]:
         lines.append("Held-out answers that change when each image is swapped for another test image: "
                      + ", ".join(f"{METHOD_LABELS[m]} {across([r.image_sensitivity[m] for r in results])}" for m in methods)
                      + ". A model that reads the image changes most of its answers.")
-    if all(r.pass_at_k is not None and r.chosen_chains for r in results):
+    if all(r.pass_at_k is not None for r in results):
+        chosen = ("Chosen responses of the correctness pairs (distinct), checked claim by claim (each tally entry "
+                  "against the scene, each operation against the reference chain's): "
+                  + _chain_split([r.chosen_chains for r in results]) + "."
+                  if all(r.chosen_chains for r in results) else "Some seed has no correctness pairs to check.")
         lines.append(f"The SFT model's samples on the train questions: {across([r.sample_accuracy for r in results])} correct, "
                      f"pass@K (a question with at least one correct sample) {across([r.pass_at_k for r in results])}. "
-                     "Chosen responses of the correctness pairs (distinct), checked claim by claim (each tally entry "
-                     "against the scene, each operation against the reference chain's): "
-                     + _chain_split([r.chosen_chains for r in results]) + ".")
+                     + chosen)
     methods = _methods(results, "eval_chains")
     if methods:
         lines.append("Held-out chain-of-thought responses, checked the same way: "

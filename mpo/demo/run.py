@@ -113,18 +113,15 @@ def run_seed(settings: DemoSettings, seed: int, out: Path) -> SeedResult:
     """Every stage for one seed under ``out``; returns what the report needs."""
     from mpo.demo.chains import chain_shares
     from mpo.demo.evaluate import IMAGE_SWAP_METHODS, by_kind, changed_share, evaluate, evaluate_tallies, majority_baseline, swap_images
-    from mpo.demo.shapes import generate_shapes_task
-    from mpo.demo.stages import DATASET, METHODS, LossWeights, build_model, build_pairs, task_records, train, write_sft_data
+    from mpo.demo.stages import (DATASET, METHODS, LossWeights, build_model, build_pairs, generate_task, task_records, train,
+                                  write_sft_data)
 
     out = _fresh_dir(out)
     result = SeedResult(seed=seed)
     timings = result.timings
     task, total = out / "task", 7
     with _stage(timings, "task + model", 1, total, seed):
-        generate_shapes_task(task, num_train_images=settings.train_images, num_test_images=settings.test_images,
-                             questions_per_image=settings.questions_per_image, seed=seed, image_size=settings.image_size,
-                             grid=settings.grid,
-                             families=[f for f in settings.families.split(',') if f])
+        generate_task(task, settings, seed)
         model = build_model(task, out / "model", settings, seed)
     train_questions = task_records(task, "train")[0]
     test_questions, test_describe = task_records(task, "test")

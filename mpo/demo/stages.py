@@ -96,6 +96,15 @@ def task_records(task_dir: Path, split: str) -> tuple[list[dict], list[dict]]:
     return read_jsonl(task_dir / f"{split}.jsonl"), read_jsonl(task_dir / f"{split}_describe.jsonl")
 
 
+def generate_task(task_dir: Path, settings: DemoSettings, seed: int) -> dict:
+    """The shapes task of ``settings`` under ``task_dir`` (:func:`mpo.demo.shapes.generate_shapes_task`)."""
+    from mpo.demo.shapes import generate_shapes_task
+
+    return generate_shapes_task(task_dir, num_train_images=settings.train_images, num_test_images=settings.test_images,
+                                questions_per_image=settings.questions_per_image, seed=seed, image_size=settings.image_size,
+                                grid=settings.grid, families=[f for f in settings.families.split(",") if f])
+
+
 def build_model(task_dir: Path, out_dir: Path, settings: DemoSettings, seed: int) -> Path:
     """A random InternVL whose tokenizer is trained on the train split's prompts and answers.
 
