@@ -294,6 +294,30 @@ def test_chain_checker() -> None:
     assert chain_shares([]) == {}  # nothing checked: no shares, not three zeros
 
 
+def test_keep_right_chains(tmp_path: Path) -> None:
+    from mpo.demo.pair_filter import keep_right_chains
+
+    record = {"id": "q", "question": "How many red or blue shapes are there?", "answer": "3",
+              "scene": [{"colour": c, "shape": "circle", "x": 8, "y": 8, "size": 12} for c in ("red", "red", "green", "blue")],
+              "cot": "red 2, green 1, blue 1. 2 + 1 = 3.\nFinal answer: 3"}
+    chosen = [record["cot"], "red 2, green 1, blue 1. 2 + 2 = 3.\nFinal answer: 3", "red 1, green 1, blue 2. 1 + 2 = 3.\nFinal answer: 3"]
+    annotations = tmp_path / "pairs" / "annotations"
+    annotations.mkdir(parents=True)
+    lines = [{"chosen": c, "rejected": "red 2, green 1, blue 1. 2 + 1 = 4.\nFinal answer: 4", "chosen_meta": {"id": "q"}} for c in chosen]
+    (annotations / "s_pairs_vqa_correctness_rules.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (annotations / "s_pairs_vqa_format_rules.jsonl").write_text(json.dumps(lines[1]) + "\n")
+    meta = {name: {"root": "task", "annotation": str(annotations / f"{name}.jsonl"), "repeat_time": 1.0, "length": n}
+            for name, n in (("s_pairs_vqa_correctness_rules", 3), ("s_pairs_vqa_format_rules", 1))}
+    (tmp_path / "pairs" / "meta.json").write_text(json.dumps(meta))
+    kept = keep_right_chains(tmp_path / "pairs" / "meta.json", {"q": record}, tmp_path / "checked")
+    # the slip (2 + 2 = 3) and the miscounted tally reach the right answer and are dropped
+    assert kept["subsets"] == {"s_pairs_vqa_correctness_rules": 1, "s_pairs_vqa_format_rules": 1} and kept["dropped"] == 2
+    new_meta = json.loads((tmp_path / "checked" / "meta.json").read_text())
+    assert _lines(Path(new_meta["s_pairs_vqa_correctness_rules"]["annotation"])) == lines[:1]
+    assert new_meta["s_pairs_vqa_format_rules"] == meta["s_pairs_vqa_format_rules"]
+    assert len(_lines(annotations / "s_pairs_vqa_correctness_rules.jsonl")) == 3  # the pipeline's pairs stay
+
+
 def test_tally_accuracy_and_pass_at_k(tmp_path: Path) -> None:
     from mpo.demo.evaluate import tally_accuracy
     from mpo.demo.run import pass_at_k

@@ -168,7 +168,8 @@ def pairs_table(results: list[SeedResult]) -> list[str]:
 
 
 def build_table(results: list[SeedResult]) -> list[str]:
-    keys = ["questions", "samples", "parse_failures", "all_correct", "all_wrong", "ntp_skipped", "ntp_identical"]
+    keys = ["questions", "samples", "parse_failures", "all_correct", "all_wrong", "ntp_skipped", "ntp_identical",
+            "wrong_chains_dropped"]
     lines = ["| sampling (train questions) | " + " | ".join(f"seed {r.seed}" for r in results) + " |",
              "|" + "---|" * (len(results) + 1)]
     lines.append("| accuracy of the SFT model's samples | " + " | ".join(

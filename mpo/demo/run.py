@@ -113,6 +113,7 @@ def run_seed(settings: DemoSettings, seed: int, out: Path) -> SeedResult:
     """Every stage for one seed under ``out``; returns what the report needs."""
     from mpo.demo.chains import chain_shares
     from mpo.demo.evaluate import IMAGE_SWAP_METHODS, by_kind, changed_share, evaluate, evaluate_tallies, majority_baseline, swap_images
+    from mpo.demo.pair_filter import keep_right_chains
     from mpo.demo.stages import (DATASET, METHODS, LossWeights, build_model, build_pairs, generate_task, task_records, train,
                                   write_sft_data)
 
@@ -162,6 +163,9 @@ def run_seed(settings: DemoSettings, seed: int, out: Path) -> SeedResult:
         run_eval("sft_direct", sft_model, direct=True)
     with _stage(timings, "sample + pairs", 4, total, seed):
         built = build_pairs(sft_model, task, out / "pairs", settings, seed)
+        if settings.right_chains_only:
+            kept = keep_right_chains(Path(built["meta"]), {r["id"]: r for r in train_questions}, out / "pairs_checked")
+            built = {**built, "meta": kept["meta"], "subsets": kept["subsets"], "wrong_chains_dropped": kept["dropped"]}
     result.pairs = built["subsets"]
     checkable = built["summaries"][DATASET]
     result.sample_accuracy = checkable["datasets"][DATASET]["accuracy"]
@@ -169,6 +173,8 @@ def run_seed(settings: DemoSettings, seed: int, out: Path) -> SeedResult:
     result.chosen_chains = chain_shares(chosen_responses(out / "pairs", {r["id"]: r for r in train_questions}))
     result.build = {key: sum(s[key] for s in built["summaries"].values())
                     for key in ("questions", "samples", "parse_failures", "all_correct", "all_wrong", "ntp_skipped", "ntp_identical")}
+    if settings.right_chains_only:
+        result.build["wrong_chains_dropped"] = built["wrong_chains_dropped"]
     for number, (method, weights) in enumerate(METHODS.items(), start=5):
         with _stage(timings, f"train + eval {method}", number, total, seed):
             final = train(sft_model, {"meta_path": built["meta"]}, out / method, weights, settings.pref_steps,

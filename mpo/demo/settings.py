@@ -65,6 +65,9 @@ class DemoSettings:
     """Pairs kept per question (the pipeline's cap; MMPR uses 15)."""
     ntp_questions: int = 150
     """Describe questions turned into Dropout-NTP pairs (0: none)."""
+    right_chains_only: bool = False
+    """Keep only the correctness pairs whose chosen chain is right claim by claim, not only in its
+    final answer (``mpo.demo.pair_filter``; the pipeline's pairs stay in ``pairs/``)."""
 
     # -- stage 3: preference training from the SFT model (MPO, and the two ablations)
     pref_steps: int = 200
