@@ -13,6 +13,7 @@ are measured by ``mpo demo`` itself (see README), not here.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -226,6 +227,31 @@ def _rerun_stages(first: Path, tmp_path: Path) -> None:
     test_questions = _lines(task / "test.jsonl")
     evaluate(final, test_questions, task, tmp_path / "mpo.jsonl", QUICK.max_new_tokens, QUICK.eval_batch, QUICK.prompt)
     assert (tmp_path / "mpo.jsonl").read_bytes() == (first / "eval" / "mpo.jsonl").read_bytes()
+
+
+@pytest.mark.slow
+def test_resume_keeps_finished_stages(demo_out: Path, tmp_path: Path) -> None:
+    # A run interrupted during the MPO stage: --resume keeps the task, model and SFT model, trains
+    # the missing runs again, and ends with the same answers as the uninterrupted run.
+    out = tmp_path / "out"
+    shutil.copytree(demo_out, out)
+    seed = out / "seed0"
+    text = (demo_out / "seed0" / "result.json").read_text().replace(str(demo_out), str(out))
+    shutil.rmtree(seed / "mpo" / "final")
+    shutil.rmtree(seed / "dpo")
+    # the copy moved the task, and the pipeline's logs refuse to resume from another task path
+    shutil.rmtree(seed / "pairs")
+    (seed / "result.json").unlink()
+    sft_weights = (seed / "sft" / "final" / "model.safetensors").stat().st_mtime_ns
+    with one_thread():
+        assert main(["--preset", "quick", "--out", str(out), "--threads", "1", "--resume"]) == 0
+    assert (seed / "sft" / "final" / "model.safetensors").stat().st_mtime_ns == sft_weights  # not trained again
+    assert [m["step"] for m in _lines(seed / "mpo" / "metrics.jsonl")] == list(range(1, QUICK.pref_steps + 1))
+    again = json.loads((seed / "result.json").read_text())
+    expected = json.loads(text)
+    assert {k: v for k, v in again.items() if k != "timings"} == {k: v for k, v in expected.items() if k != "timings"}
+    for method in METHODS:
+        assert (seed / "eval" / f"{method}.jsonl").read_bytes() == (demo_out / "seed0" / "eval" / f"{method}.jsonl").read_bytes()
 
 
 def test_settings_overrides() -> None:

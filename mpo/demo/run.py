@@ -109,27 +109,40 @@ def claim_out_dir(out: Path, preset: str, settings: DemoSettings, force: bool) -
     (out / MARKER).write_text(json.dumps(claim, sort_keys=True) + "\n")
 
 
-def run_seed(settings: DemoSettings, seed: int, out: Path) -> SeedResult:
-    """Every stage for one seed under ``out``; returns what the report needs."""
+def run_seed(settings: DemoSettings, seed: int, out: Path, resume: bool = False) -> SeedResult:
+    """Every stage for one seed under ``out``; returns what the report needs.
+
+    With ``resume``, an interrupted run of the same settings keeps what it finished: the task, the
+    model and each trained model (``final/`` is written last, atomically) are not made again; the
+    pipeline resumes its sampling from its own logs; the evaluations (minutes) run again.
+    """
     from mpo.demo.chains import chain_shares
     from mpo.demo.evaluate import IMAGE_SWAP_METHODS, by_kind, changed_share, evaluate, evaluate_tallies, majority_baseline, swap_images
     from mpo.demo.pair_filter import keep_right_chains
     from mpo.demo.stages import (DATASET, METHODS, LossWeights, build_model, build_pairs, generate_task, task_records, train,
                                   write_sft_data)
 
-    out = _fresh_dir(out)
+    out = out if resume and (out / MARKER).exists() else _fresh_dir(out)
     result = SeedResult(seed=seed)
     timings = result.timings
     task, total = out / "task", 7
     with _stage(timings, "task + model", 1, total, seed):
-        generate_task(task, settings, seed)
-        model = build_model(task, out / "model", settings, seed)
+        if not (resume and (out / "model" / "config.json").exists()):
+            generate_task(task, settings, seed)
+            build_model(task, out / "model", settings, seed)
+        model = out / "model"
     train_questions = task_records(task, "train")[0]
     test_questions, test_describe = task_records(task, "test")
     result.eval_questions = len(test_questions)
     result.majority_baseline = majority_baseline(train_questions, test_questions)
     result.per_kind_baseline = {kind: majority_baseline(train_questions, group) for kind, group in by_kind(test_questions).items()}
     swapped_questions = swap_images(test_questions)
+
+    def trained(start: Path, data: dict, run_dir: Path, weights: LossWeights, steps: int, batch: int, lr: float,
+                warmup: float) -> Path:
+        if resume and (run_dir / "final" / "config.json").exists():
+            return run_dir / "final"
+        return train(start, data, run_dir, weights, steps, batch, lr, warmup, settings, seed)
 
     def run_eval(method: str, model_dir: Path, direct: bool = False) -> None:
         evaluation = evaluate(model_dir, test_questions, task, out / "eval" / f"{method}.jsonl",
@@ -154,9 +167,9 @@ def run_seed(settings: DemoSettings, seed: int, out: Path) -> SeedResult:
 
     with _stage(timings, "SFT", 2, total, seed):
         result.sft_data = write_sft_data(task, out / "sft_data" / "sft.jsonl", settings.prompt, settings.cot_share, seed)
-        sft_model = train(model, {"jsonl_path": str(out / "sft_data" / "sft.jsonl"), "image_root": str(task)},
-                          out / "sft", LossWeights(0.0, 0.0, 1.0), settings.sft_steps, settings.sft_batch,
-                          settings.sft_lr, settings.sft_warmup, settings, seed)
+        sft_model = trained(model, {"jsonl_path": str(out / "sft_data" / "sft.jsonl"), "image_root": str(task)},
+                            out / "sft", LossWeights(0.0, 0.0, 1.0), settings.sft_steps, settings.sft_batch,
+                            settings.sft_lr, settings.sft_warmup)
         result.runs["sft"] = str(out / "sft")
     with _stage(timings, "eval SFT", 3, total, seed):
         run_eval("sft", sft_model)
@@ -177,8 +190,8 @@ def run_seed(settings: DemoSettings, seed: int, out: Path) -> SeedResult:
         result.build["wrong_chains_dropped"] = built["wrong_chains_dropped"]
     for number, (method, weights) in enumerate(METHODS.items(), start=5):
         with _stage(timings, f"train + eval {method}", number, total, seed):
-            final = train(sft_model, {"meta_path": built["meta"]}, out / method, weights, settings.pref_steps,
-                          settings.pref_batch, settings.pref_lr, settings.pref_warmup, settings, seed)
+            final = trained(sft_model, {"meta_path": built["meta"]}, out / method, weights, settings.pref_steps,
+                            settings.pref_batch, settings.pref_lr, settings.pref_warmup)
             result.runs[method] = str(out / method)
             run_eval(method, final)
     (out / "result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
@@ -194,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     parser.add_argument("--force", action="store_true",
                         help="replace the results in --out even if they were made with another preset or settings")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run of the same settings in --out: keep its task, model and trained models")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default, one per core); 1 is faster on a machine other jobs keep busy")
     args = parser.parse_args(argv)
@@ -215,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or default_out(args.preset))
     claim_out_dir(out, args.preset, settings, args.force)
     wall, cpu, load = time.perf_counter(), _cpu_seconds(), os.getloadavg()[0]
-    results = [run_seed(settings, seed, out / f"seed{seed}") for seed in args.seeds]
+    results = [run_seed(settings, seed, out / f"seed{seed}", args.resume) for seed in args.seeds]
     total_wall, total_cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
     machine = (f"{os.cpu_count()} CPU core(s), {torch.get_num_threads()} torch thread(s), "
                f"load average {load:.1f} at the start and {os.getloadavg()[0]:.1f} at the end")
