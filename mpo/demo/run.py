@@ -2,9 +2,10 @@
 
 Launch::
 
-    mpo demo                          # seed 0, the default preset (<= 15 minutes on 2 CPU cores)
+    mpo demo                          # seed 0, the default preset (~35 minutes on 2 shared CPU cores)
     mpo demo --seeds 0 1 2            # three seeds, mean ± spread in the report
     mpo demo --preset quick           # every stage on a handful of questions, into outputs/demo-quick
+    mpo demo --resume                 # continue an interrupted run: keep its task, model and trained models
     mpo demo --set sft_steps=200 --set temperature=0.8   # any knob of mpo.demo.settings
 
 Per seed, under ``OUT/seed<N>/``:
