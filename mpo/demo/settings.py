@@ -28,7 +28,7 @@ class DemoSettings:
     image_size: int = 64
     """One 64-px tile per image: 16 image tokens for the demo model."""
     families: str = ""
-    """Comma-separated question families (``mpo.demo.shapes``); empty: all eleven."""
+    """Comma-separated question families (``mpo.demo.shapes``); empty: all six."""
     grid: int = 4
     """Shapes centred in cells of a 4 x 4 grid, one cell per image token (0: anywhere)."""
 
