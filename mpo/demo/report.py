@@ -176,7 +176,7 @@ def build_table(results: list[SeedResult]) -> list[str]:
         "-" if r.sample_accuracy is None else _points(r.sample_accuracy) for r in results) + " |")
     lines.append("| pass@K | " + " | ".join("-" if r.pass_at_k is None else _points(r.pass_at_k) for r in results) + " |")
     for key in keys:
-        lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(str(r.build.get(key, 0)) for r in results) + " |")
+        lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(str(r.build.get(key, "-")) for r in results) + " |")
     return lines
 
 
