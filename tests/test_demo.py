@@ -320,7 +320,7 @@ def test_chain_checker() -> None:
     assert chain_shares([]) == {}  # nothing checked: no shares, not three zeros
 
 
-def test_keep_right_chains(tmp_path: Path) -> None:
+def test_keep_right_chains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mpo.demo.pair_filter import keep_right_chains
 
     record = {"id": "q", "question": "How many red or blue shapes are there?", "answer": "3",
@@ -335,10 +335,12 @@ def test_keep_right_chains(tmp_path: Path) -> None:
     meta = {name: {"root": "task", "annotation": str(annotations / f"{name}.jsonl"), "repeat_time": 1.0, "length": n}
             for name, n in (("s_pairs_vqa_correctness_rules", 3), ("s_pairs_vqa_format_rules", 1))}
     (tmp_path / "pairs" / "meta.json").write_text(json.dumps(meta))
-    kept = keep_right_chains(tmp_path / "pairs" / "meta.json", {"q": record}, tmp_path / "checked")
+    monkeypatch.chdir(tmp_path)  # a relative output folder, as `mpo demo`'s default outputs/demo
+    kept = keep_right_chains(tmp_path / "pairs" / "meta.json", {"q": record}, Path("checked"))
     # the slip (2 + 2 = 3) and the miscounted tally reach the right answer and are dropped
     assert kept["subsets"] == {"s_pairs_vqa_correctness_rules": 1, "s_pairs_vqa_format_rules": 1} and kept["dropped"] == 2
     new_meta = json.loads((tmp_path / "checked" / "meta.json").read_text())
+    assert new_meta["s_pairs_vqa_correctness_rules"]["annotation"] == str(tmp_path / "checked" / "annotations" / "s_pairs_vqa_correctness_rules.jsonl")
     assert _lines(Path(new_meta["s_pairs_vqa_correctness_rules"]["annotation"])) == lines[:1]
     assert new_meta["s_pairs_vqa_format_rules"] == meta["s_pairs_vqa_format_rules"]
     assert len(_lines(annotations / "s_pairs_vqa_correctness_rules.jsonl")) == 3  # the pipeline's pairs stay

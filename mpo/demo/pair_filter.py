@@ -31,6 +31,7 @@ def keep_right_chains(meta_path: Path, records: dict[str, dict], out_dir: Path) 
         ``{"meta": path, "subsets": {name: pairs}, "dropped": correctness pairs left out}``.
     """
     meta = json.loads(meta_path.read_text())
+    out_dir = out_dir.resolve()  # meta.json resolves a relative annotation path against its own folder
     out_dir.mkdir(parents=True, exist_ok=True)
     dropped = 0
     for name, entry in meta.items():
