@@ -109,7 +109,12 @@ def test_pairs_stage(demo_out: Path) -> None:
     assert len(samples) == QUICK.train_images * QUICK.questions_per_image
     assert all(len(record["responses"]) == QUICK.num_samples for record in samples)
     result = json.loads((demo_out / "seed0" / "result.json").read_text())
-    assert result["pairs"] == {name: entry["length"] for name, entry in meta.items()}
+    # training used the pairs whose chosen chain is right (right_chains_only): here no correctness
+    # pairs, so the same subsets
+    checked = json.loads((pairs.parent / "pairs_checked" / "meta.json").read_text())
+    assert result["pairs"] == {name: entry["length"] for name, entry in checked.items()} == {
+        name: entry["length"] for name, entry in meta.items()}
+    assert QUICK.right_chains_only and result["build"]["wrong_chains_dropped"] == 0
 
 
 @pytest.mark.slow
