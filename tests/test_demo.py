@@ -1,36 +1,61 @@
 """``mpo demo --preset quick``: every stage of the end-to-end demo runs and leaves its outputs.
 
 The quick preset trains on a handful of questions, so its accuracies mean nothing; what is checked
-is each stage's output: the task files, the model, the SFT run, the pipeline's MMPR directory
-(meta.json lengths equal the annotation lines, and the trainer trained on it), the three
-preference runs with their loss terms, one prediction per held-out question per method, the
-report's accuracy table with the four methods, and the PNGs. The accuracy target is measured by
-``mpo demo`` itself (see README), not here.
+is each stage's output: the task files, the model, the SFT run (its describe / chain-of-thought /
+direct mix), the pipeline's MMPR directory (meta.json lengths equal the annotation lines, and the
+trainer trained on it), the three preference runs with their loss terms, one prediction per
+held-out question per method, the report (which says the preset checks the stages), and the
+PNGs. The pieces the report's figures come from (the chain checker, the tally check, pass@K,
+the target verdicts, the curves' colours) are checked on hand-made inputs. The accuracy targets
+are measured by ``mpo demo`` itself (see README), not here.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
-from mpo.demo.run import main
+from mpo.demo.chains import chain_shares
+from mpo.demo.evaluate import evaluate
+from mpo.demo.run import chosen_responses, main
 from mpo.demo.settings import PRESETS, DemoSettings, apply_overrides
+from mpo.demo.stages import METHODS as METHODS_WEIGHTS
+from mpo.demo.stages import build_pairs, generate_task, train, write_sft_data
 
 QUICK = PRESETS["quick"]
-METHODS = ("sft", "mpo", "dpo", "sft_chosen")
+METHODS = ("sft", "sft_direct", "mpo", "dpo", "sft_chosen")
 
 
 def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    # One torch thread, as the demo recommends on a busy machine: with one thread per core, the
+    # threads of a small model's ops wait on each other when other jobs hold the cores (10x slower
+    # measured). The thread count also fixes the order of the reductions, so a rerun uses the same.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "out"
-    assert main(["--preset", "quick", "--out", str(out)]) == 0
+    with one_thread():
+        assert main(["--preset", "quick", "--out", str(out), "--threads", "1"]) == 0
     return out
 
 
@@ -49,7 +74,15 @@ def test_sft_stage(demo_out: Path) -> None:
     seed = demo_out / "seed0"
     sft_lines = _lines(seed / "sft_data" / "sft.jsonl")
     assert len(sft_lines) == QUICK.train_images * (QUICK.questions_per_image + 1)  # + describe items
-    assert all(line["question"].startswith("<image>\n") and "Final answer" in line["question"] for line in sft_lines)
+    assert all(line["question"].startswith("<image>\n") for line in sft_lines)
+    task = {r["id"]: r for r in _lines(seed / "task" / "train.jsonl") + _lines(seed / "task" / "train_describe.jsonl")}
+    cot = [line for line in sft_lines if "Final answer" in line["question"]]
+    direct = [line for line in sft_lines if line["question"].endswith("\nAnswer with a single number.")]
+    assert len(cot) + len(direct) == len(sft_lines)
+    assert all(line["chosen"] == task[line["id"]]["cot"] for line in cot)  # describe items and CoT questions
+    assert all(line["chosen"] == task[line["id"]]["answer"] for line in direct)
+    result = json.loads((seed / "result.json").read_text())
+    assert result["sft_data"] == {"describe": QUICK.train_images, "cot": len(cot) - QUICK.train_images, "direct": len(direct)}
     metrics = _lines(seed / "sft" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, QUICK.sft_steps + 1))
     assert all("loss/sft" in m and "loss/dpo" not in m for m in metrics)  # no reference model
@@ -76,7 +109,12 @@ def test_pairs_stage(demo_out: Path) -> None:
     assert len(samples) == QUICK.train_images * QUICK.questions_per_image
     assert all(len(record["responses"]) == QUICK.num_samples for record in samples)
     result = json.loads((demo_out / "seed0" / "result.json").read_text())
-    assert result["pairs"] == {name: entry["length"] for name, entry in meta.items()}
+    # training used the pairs whose chosen chain is right (right_chains_only): here no correctness
+    # pairs, so the same subsets
+    checked = json.loads((pairs.parent / "pairs_checked" / "meta.json").read_text())
+    assert result["pairs"] == {name: entry["length"] for name, entry in checked.items()} == {
+        name: entry["length"] for name, entry in meta.items()}
+    assert QUICK.right_chains_only and result["build"]["wrong_chains_dropped"] == 0
 
 
 @pytest.mark.slow
@@ -109,16 +147,36 @@ def test_evaluation_and_report(demo_out: Path) -> None:
         assert result["accuracy"][method] == pytest.approx(correct / num_test)
 
     assert 0.0 <= result["majority_baseline"] <= 1.0
-    assert set(result["image_sensitivity"]) == {"sft", "mpo"}
+    assert set(result["image_sensitivity"]) == set(result["per_kind_swap"]) == set(result["tallies"]) == {"sft", "mpo"}
+    kinds = {p["kind"] for p in _lines(seed / "eval" / "sft.jsonl")}
+    assert set(result["per_kind_baseline"]) == set(result["per_kind_swap"]["sft"]) == kinds
     for method in ("sft", "mpo"):
         assert len(_lines(seed / "eval" / f"{method}_swapped_images.jsonl")) == num_test
+        assert len(_lines(seed / "eval" / f"{method}_tallies.jsonl")) == QUICK.test_images
+    assert set(result["eval_chains"]) == set(METHODS) - {"sft_direct"}
+    assert 0.0 <= result["pass_at_k"] <= 1.0
+    # The chain shares are those of the files the run wrote: every held-out response, and each
+    # distinct chosen response of the correctness pairs (none in the quick run, whose model writes
+    # no parsable answer: then no shares at all rather than three zeros).
+    train = {r["id"]: r for r in _lines(seed / "task" / "train.jsonl")}
+    test = {r["id"]: r for r in _lines(seed / "task" / "test.jsonl")}
+    assert result["chosen_chains"] == chain_shares(chosen_responses(seed / "pairs", train))
+    assert (result["chosen_chains"] == {}) == ("shapes_pairs_vqa_correctness_rules" not in result["pairs"])
+    for method, shares in result["eval_chains"].items():
+        predictions = _lines(seed / "eval" / f"{method}.jsonl")
+        assert shares == chain_shares([(p["response"], test[p["id"]]) for p in predictions])
+        assert set(shares) == {"none", "perception", "reasoning"} and sum(shares.values()) == pytest.approx(1.0)
 
     report = (demo_out / "report.md").read_text()
-    assert "Majority-answer baseline" in report and "swapped for another test image" in report
-    assert "points of sampling error" in report and "without a parsable final answer" in report
+    # The quick preset says what it checks instead of judging targets on 8 questions.
+    assert "The `quick` preset checks that every stage runs" in report
+    assert "no target is judged" in report
+    assert "sampling error" not in report and "met**" not in report and "target +10" not in report
     table = [line for line in report.splitlines() if line.startswith("| ") and "seed 0" not in line]
-    for label in ("SFT model (stage 1)", "MPO (0.8 DPO + 0.2 BCO + 1.0 SFT)", "DPO alone (1/0/0)", "SFT on chosen (0/0/1)"):
+    for label in ("SFT model (stage 1)", "SFT model, direct prompt", "MPO (0.8 DPO + 0.2 BCO + 1.0 SFT)",
+                  "DPO alone (1/0/0)", "SFT on chosen (0/0/1)"):
         assert any(line.startswith(f"| {label} |") for line in table), label
+    assert "| question family | majority baseline |" in report
     assert "## Preference data" in report and "## Timings" in report and "## Settings" in report
     for name in ("accuracy.png", "training_curves_seed0.png"):
         with Image.open(demo_out / name) as image:
@@ -130,16 +188,75 @@ def test_evaluation_and_report(demo_out: Path) -> None:
 
 @pytest.mark.slow
 def test_same_seed_same_outputs(demo_out: Path, tmp_path: Path) -> None:
-    # A second run of the same seed and settings writes byte-identical data, pairs and answers.
-    assert main(["--preset", "quick", "--out", str(tmp_path / "again")]) == 0
-    first, again = demo_out / "seed0", tmp_path / "again" / "seed0"
-    files = ["task/train.jsonl", "task/test.jsonl", "sft_data/sft.jsonl", "pairs/meta.json"]
-    files += [f"eval/{method}.jsonl" for method in METHODS]
-    files += [str(p.relative_to(first)) for p in sorted((first / "pairs").glob("*/*.jsonl"))]
+    # The stages again from the run's own inputs write byte-identical files: the task, the SFT
+    # data, the pairs sampled from its SFT model, an MPO run from that model on those pairs (its
+    # losses and weights), and the greedy answers of the MPO model.
+    first = demo_out / "seed0"
+
+    with one_thread():
+        _rerun_stages(first, tmp_path)
+
+
+def _rerun_stages(first: Path, tmp_path: Path) -> None:
+    task = tmp_path / "task"
+    generate_task(task, QUICK, 0)
+    for name in ("train.jsonl", "test.jsonl", "train_describe.jsonl", "test_describe.jsonl", "images/train/000001.png"):
+        assert (task / name).read_bytes() == (first / "task" / name).read_bytes(), name
+    write_sft_data(task, tmp_path / "sft.jsonl", QUICK.prompt, QUICK.cot_share, 0)
+    assert (tmp_path / "sft.jsonl").read_bytes() == (first / "sft_data" / "sft.jsonl").read_bytes()
+
+    sft_model = first / "sft" / "final"
+    build_pairs(sft_model, task, tmp_path / "pairs", QUICK, 0, progress=False)
+    files = ["meta.json", *(str(p.relative_to(first / "pairs")) for p in sorted((first / "pairs").glob("*/*.jsonl")))]
+    files += [str(p.relative_to(first / "pairs")) for p in sorted((first / "pairs" / "work").glob("*/*.jsonl"))]
+    assert len(files) > 6
     for name in files:
-        assert (again / name).read_bytes() == (first / name).read_bytes().replace(
-            str(first).encode(), str(again).encode()), name
-    assert json.loads((again / "result.json").read_text())["accuracy"] == json.loads((first / "result.json").read_text())["accuracy"]
+        # the files name the task and pairs directories, and the work logs a hash of the settings
+        # that includes the task's path; the rest is the same line for line
+        again = (tmp_path / "pairs" / name).read_text()
+        expected = (first / "pairs" / name).read_text().replace(str(first / "pairs"), str(tmp_path / "pairs"))
+        expected = expected.replace(str(first / "task"), str(task))
+        if name == "meta.json":
+            assert again == expected
+        else:
+            assert [{k: v for k, v in json.loads(line).items() if k != "config"} for line in again.splitlines()] == [
+                {k: v for k, v in json.loads(line).items() if k != "config"} for line in expected.splitlines()], name
+
+    final = train(sft_model, {"meta_path": str(tmp_path / "pairs" / "meta.json")}, tmp_path / "mpo", METHODS_WEIGHTS["mpo"],
+                  QUICK.pref_steps, QUICK.pref_batch, QUICK.pref_lr, QUICK.pref_warmup, QUICK, 0)
+    losses = [{k: v for k, v in m.items() if k.startswith(("loss", "rewards", "bco"))} for m in _lines(tmp_path / "mpo" / "metrics.jsonl")]
+    assert losses == [{k: v for k, v in m.items() if k.startswith(("loss", "rewards", "bco"))} for m in _lines(first / "mpo" / "metrics.jsonl")]
+    weights, reference = load_file(final / "model.safetensors"), load_file(first / "mpo" / "final" / "model.safetensors")
+    assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
+
+    test_questions = _lines(task / "test.jsonl")
+    evaluate(final, test_questions, task, tmp_path / "mpo.jsonl", QUICK.max_new_tokens, QUICK.eval_batch, QUICK.prompt)
+    assert (tmp_path / "mpo.jsonl").read_bytes() == (first / "eval" / "mpo.jsonl").read_bytes()
+
+
+@pytest.mark.slow
+def test_resume_keeps_finished_stages(demo_out: Path, tmp_path: Path) -> None:
+    # A run interrupted during the MPO stage: --resume keeps the task, model and SFT model, trains
+    # the missing runs again, and ends with the same answers as the uninterrupted run.
+    out = tmp_path / "out"
+    shutil.copytree(demo_out, out)
+    seed = out / "seed0"
+    text = (demo_out / "seed0" / "result.json").read_text().replace(str(demo_out), str(out))
+    shutil.rmtree(seed / "mpo" / "final")
+    shutil.rmtree(seed / "dpo")
+    # the copy moved the task, and the pipeline's logs refuse to resume from another task path
+    shutil.rmtree(seed / "pairs")
+    (seed / "result.json").unlink()
+    sft_weights = (seed / "sft" / "final" / "model.safetensors").stat().st_mtime_ns
+    with one_thread():
+        assert main(["--preset", "quick", "--out", str(out), "--threads", "1", "--resume"]) == 0
+    assert (seed / "sft" / "final" / "model.safetensors").stat().st_mtime_ns == sft_weights  # not trained again
+    assert [m["step"] for m in _lines(seed / "mpo" / "metrics.jsonl")] == list(range(1, QUICK.pref_steps + 1))
+    again = json.loads((seed / "result.json").read_text())
+    expected = json.loads(text)
+    assert {k: v for k, v in again.items() if k != "timings"} == {k: v for k, v in expected.items() if k != "timings"}
+    for method in METHODS:
+        assert (seed / "eval" / f"{method}.jsonl").read_bytes() == (demo_out / "seed0" / "eval" / f"{method}.jsonl").read_bytes()
 
 
 def test_settings_overrides() -> None:
@@ -151,19 +268,141 @@ def test_settings_overrides() -> None:
         apply_overrides(DemoSettings(), ["sft_steps=1.5"])
 
 
-def test_reading_the_numbers() -> None:
-    from mpo.demo.report import SeedResult, reading_the_numbers
+def _seed(seed: int, **accuracy: float) -> "SeedResult":
+    from mpo.demo.results import SeedResult
 
-    results = [
-        SeedResult(seed=0, eval_questions=400, accuracy={"sft": 0.4, "mpo": 0.5, "dpo": 0.1, "sft_chosen": 0.45},
-                   unparsable={"sft": 0, "mpo": 2, "dpo": 300, "sft_chosen": 1}),
-        SeedResult(seed=1, eval_questions=400, accuracy={"sft": 0.6, "mpo": 0.6, "dpo": 0.2, "sft_chosen": 0.5},
-                   unparsable={"sft": 0, "mpo": 4, "dpo": 100, "sft_chosen": 0}),
-    ]
-    error, gain, unparsable = reading_the_numbers(results)
-    assert "over 400 held-out questions: ±2.5 points" in error  # sqrt(0.5 * 0.5 / 400) = 0.025
-    assert "the same pairs: +7.5 points" in gain  # mean of +5 and +10
-    assert "SFT model 0.0, MPO 3.0, DPO alone 200.0, SFT on chosen 0.5" in unparsable
+    return SeedResult(seed=seed, eval_questions=400, accuracy=accuracy, majority_baseline=0.1,
+                      unparsable={m: 2 * seed for m in accuracy},
+                      per_kind={"sft": {"times": 0.5, "count_total": 0.2}}, per_kind_baseline={"times": 0.1, "count_total": 0.2})
+
+
+def test_targets_and_evidence() -> None:
+    from mpo.demo.report import evidence, targets
+
+    results = [_seed(0, sft=0.4, mpo=0.55, dpo=0.1, sft_chosen=0.45), _seed(1, sft=0.6, mpo=0.66, dpo=0.2, sft_chosen=0.78)]
+    gain, over_chosen, over_dpo, families = targets(results)
+    # (15 + 6) / 2 = 10.5 >= 10; std of (15, 6) = 6.364
+    assert "MPO over the SFT model: **+10.5 points** mean over 2 seed(s) (per seed +15.0, +6.0; std 6.4)" in gain
+    assert gain.endswith("target +10: **met**.")
+    assert "(0/0/1): -1.0 points (per seed +10.0, -12.0; std 15.6); MPO above it: **not met**." in over_chosen
+    assert "+45.5 points" in over_dpo and over_dpo.endswith("**met**.")
+    # count_total at its baseline (0.2 = 0.2) fails in both seeds
+    assert "**not met** (at or below it: seed 0: count_total; seed 1: count_total)." in families
+    lines = evidence(results)
+    assert any("over 400 held-out questions: ±2.5 points" in line for line in lines)  # sqrt(0.5 * 0.5 / 400)
+    assert any("SFT model 1.0, MPO 1.0, DPO alone 1.0, SFT on chosen 1.0" in line for line in lines)  # 0 and 2 unparsable
+
+
+def test_chain_checker() -> None:
+    from mpo.demo.chains import check_chain
+
+    record = {"question": "Red shapes are worth 3 points, green shapes 1 point and blue shapes 2 points. "
+                          "How many points are all the shapes worth?", "answer": "9",
+              "scene": [{"colour": c, "shape": k, "x": 8, "y": 8, "size": 12}
+                        for c, k in (("red", "circle"), ("red", "square"), ("green", "circle"), ("blue", "triangle"))],
+              "cot": "red 2, green 1, blue 1. 2 x 3 = 6. 1 x 1 = 1. 1 x 2 = 2. 6 + 1 = 7. 7 + 2 = 9.\nFinal answer: 9"}
+    right = check_chain(record["cot"], record)
+    assert right.correct and right.error == "none" and right.tally_entries == 3
+    # red and green miscounted, true arithmetic throughout, and the right answer by luck
+    lucky = check_chain("red 1, green 3, blue 1. 1 x 3 = 3. 3 x 1 = 3. 1 x 2 = 2. 3 + 3 = 6. 6 + 3 = 9.\nFinal answer: 9", record)
+    assert (lucky.wrong_counts, lucky.wrong_steps, lucky.wrong_arithmetic, lucky.error) == (2, 4, 0, "perception")
+    # the right tally, green's weight taken for blue: true arithmetic on the wrong numbers
+    swapped = check_chain("red 2, green 1, blue 1. 2 x 3 = 6. 1 x 1 = 1. 1 x 1 = 1. 6 + 1 = 7. 7 + 1 = 8.\nFinal answer: 8", record)
+    assert (swapped.wrong_counts, swapped.wrong_steps, swapped.wrong_arithmetic, swapped.error) == (0, 2, 0, "reasoning")
+    slip = check_chain("red 2, green 1, blue 1. 2 x 3 = 6. 1 x 1 = 1. 1 x 2 = 2. 6 + 1 = 7. 7 + 2 = 10.\nFinal answer: 9", record)
+    assert (slip.wrong_steps, slip.wrong_arithmetic, slip.consistent, slip.error) == (1, 1, False, "reasoning")
+    short = check_chain("red 2, green 1, blue 1. 2 x 3 = 6.\nFinal answer: 6", record)  # four operations missing
+    assert short.wrong_steps == 4 and not short.correct
+    missing = check_chain("red 2, green 1. 2 x 3 = 6. 1 x 1 = 1. 1 x 2 = 2. 6 + 1 = 7. 7 + 2 = 9.\nFinal answer: 9", record)
+    assert (missing.wrong_counts, missing.error) == (1, "perception")  # blue's entry is missing
+    assert check_chain("Final answer: 9", record).error == "perception"  # no tally at all
+    count = {**record, "question": "How many red shapes are there?", "answer": "2", "cot": "red 2, green 1, blue 1.\nFinal answer: 2"}
+    assert check_chain("red 2, green 1, blue 1.\nFinal answer: 2", count).correct
+    assert check_chain("red 2, green 1, blue 1.\nFinal answer: 1", count).error == "reasoning"  # green's count read out
+    responses = [record["cot"], "red 2, green 2, blue 1.\nFinal answer: 9", "red 2, green 1, blue 1. 2 x 3 = 6.\nFinal answer: 6",
+                 record["cot"]]
+    assert chain_shares([(response, record) for response in responses]) == {"none": 0.5, "perception": 0.25, "reasoning": 0.25}
+    assert chain_shares([]) == {}  # nothing checked: no shares, not three zeros
+
+
+def test_keep_right_chains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mpo.demo.pair_filter import keep_right_chains
+
+    record = {"id": "q", "question": "How many red or blue shapes are there?", "answer": "3",
+              "scene": [{"colour": c, "shape": "circle", "x": 8, "y": 8, "size": 12} for c in ("red", "red", "green", "blue")],
+              "cot": "red 2, green 1, blue 1. 2 + 1 = 3.\nFinal answer: 3"}
+    chosen = [record["cot"], "red 2, green 1, blue 1. 2 + 2 = 3.\nFinal answer: 3", "red 1, green 1, blue 2. 1 + 2 = 3.\nFinal answer: 3"]
+    annotations = tmp_path / "pairs" / "annotations"
+    annotations.mkdir(parents=True)
+    lines = [{"chosen": c, "rejected": "red 2, green 1, blue 1. 2 + 1 = 4.\nFinal answer: 4", "chosen_meta": {"id": "q"}} for c in chosen]
+    (annotations / "s_pairs_vqa_correctness_rules.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (annotations / "s_pairs_vqa_format_rules.jsonl").write_text(json.dumps(lines[1]) + "\n")
+    meta = {name: {"root": "task", "annotation": str(annotations / f"{name}.jsonl"), "repeat_time": 1.0, "length": n}
+            for name, n in (("s_pairs_vqa_correctness_rules", 3), ("s_pairs_vqa_format_rules", 1))}
+    (tmp_path / "pairs" / "meta.json").write_text(json.dumps(meta))
+    monkeypatch.chdir(tmp_path)  # a relative output folder, as `mpo demo`'s default outputs/demo
+    kept = keep_right_chains(tmp_path / "pairs" / "meta.json", {"q": record}, Path("checked"))
+    # the slip (2 + 2 = 3) and the miscounted tally reach the right answer and are dropped
+    assert kept["subsets"] == {"s_pairs_vqa_correctness_rules": 1, "s_pairs_vqa_format_rules": 1} and kept["dropped"] == 2
+    new_meta = json.loads((tmp_path / "checked" / "meta.json").read_text())
+    assert new_meta["s_pairs_vqa_correctness_rules"]["annotation"] == str(tmp_path / "checked" / "annotations" / "s_pairs_vqa_correctness_rules.jsonl")
+    assert _lines(Path(new_meta["s_pairs_vqa_correctness_rules"]["annotation"])) == lines[:1]
+    assert new_meta["s_pairs_vqa_format_rules"] == meta["s_pairs_vqa_format_rules"]
+    assert len(_lines(annotations / "s_pairs_vqa_correctness_rules.jsonl")) == 3  # the pipeline's pairs stay
+
+
+def test_tally_accuracy_and_pass_at_k(tmp_path: Path) -> None:
+    from mpo.demo.evaluate import tally_accuracy
+    from mpo.demo.run import pass_at_k
+
+    describe = [{"cot": "red 2, green 1, blue 0."}, {"cot": "red 0, green 3, blue 1."}]
+    responses = ["red 2, green 1, blue 0.", "red 0, green 2."]
+    assert tally_accuracy(responses, describe) == (0.5, (3 + 1) / 6)  # the second: green wrong, blue missing
+    matched = tmp_path / "matched.jsonl"
+    statuses = [["incorrect", "correct"], ["unparsable", "incorrect"], ["correct", "correct"], ["incorrect", "incorrect"]]
+    matched.write_text("".join(json.dumps({"id": str(i), "judgements": [{"status": s} for s in row]}) + "\n"
+                               for i, row in enumerate(statuses)))
+    assert pass_at_k(matched) == 0.5
+
+
+def test_training_curves_one_colour_and_name_per_method(tmp_path: Path) -> None:
+    from mpo.demo.plots import METHOD_COLOURS, training_curves_figure
+    from mpo.demo.results import SeedResult, short_label
+
+    runs = {}
+    for method in ("sft", "mpo", "dpo", "sft_chosen"):
+        run = tmp_path / method
+        run.mkdir()
+        row = {"step": 1, "loss": 1.0, "loss/sft": 1.0} if method == "sft" else {"step": 1, "loss": 1.0, "rewards/accuracies": 0.5}
+        (run / "metrics.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "step": 2}) + "\n")
+        runs[method] = str(run)
+    figure = training_curves_figure(SeedResult(seed=0, runs=runs))
+    panels = {axis.get_title(): axis for axis in figure.axes}
+    # SFT logs no rewards: every other run keeps its own colour in that panel, not the next in the cycle
+    lines = {line.get_label(): line.get_color() for line in panels["rewards/accuracies"].get_lines()}
+    assert lines == {short_label(m): METHOD_COLOURS[m] for m in ("mpo", "dpo", "sft_chosen")}
+    [legend] = figure.legends
+    assert {t.get_text(): h.get_color() for t, h in zip(legend.get_texts(), legend.legend_handles)} == {
+        short_label(m): METHOD_COLOURS[m] for m in runs}
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    assert not legend.get_window_extent(renderer).overlaps(figure._suptitle.get_window_extent(renderer))
+
+
+def test_each_preset_its_own_folder_and_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mpo.demo.run import claim_out_dir, default_out
+
+    assert default_out("default") == Path("outputs/demo") and default_out("quick") == Path("outputs/demo-quick")
+    out = tmp_path / "demo"
+    claim_out_dir(out, "default", PRESETS["default"], force=False)
+    claim_out_dir(out, "default", PRESETS["default"], force=False)  # the same run again may replace its results
+    with pytest.raises(SystemExit, match="holds the results of `mpo demo --preset default` with other settings"):
+        claim_out_dir(out, "quick", QUICK, force=False)
+    claim_out_dir(out, "quick", QUICK, force=True)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(SystemExit, match="was not made by `mpo demo`"):
+        claim_out_dir(tmp_path / "mine", "quick", QUICK, force=True)
 
 
 def test_majority_baseline_swap_and_changed_share() -> None:

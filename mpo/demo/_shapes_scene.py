@@ -1,4 +1,4 @@
-"""Scenes of the shapes task: the shapes, how they are placed and drawn, and described.
+"""Scenes of the shapes task: the shapes, how they are placed and drawn.
 
 Part of ``mpo.demo.shapes`` (its docstring has the task and the file layout); import from there.
 """
@@ -11,25 +11,23 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-# Saturated and far apart in RGB, so a 64-px image leaves no doubt about a shape's colour.
+# Three primaries on a mid-grey background. Measured on the demo model (plain SFT loop, 400 steps
+# of 16, listing the count of each colour): on a light background (235) with four colours it
+# stayed at the answers' prior; on mid-grey with these three it listed every held-out count right.
+# A light background makes "is there a shape" the one strong direction of the image features, and
+# colour a faint one; on mid-grey each colour departs from the background in its own direction.
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 160, 50),
-    "blue": (30, 70, 220),
-    "yellow": (240, 200, 20),
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-BACKGROUND: tuple[int, int, int] = (235, 235, 235)
-# At most 5 shapes keeps every count and sum in 0-5, small enough for a tiny model to learn.
-MIN_SHAPES, MAX_SHAPES = 2, 5
+BACKGROUND: tuple[int, int, int] = (128, 128, 128)
+# 3-7 shapes: counts 0-7, and sums and weighted scores over them range up to 28.
+MIN_SHAPES, MAX_SHAPES = 3, 7
 # Shape side as a fraction of the image side: 11-15 px at 64 px, wider than one 8-px patch.
 SIZE_RANGE: tuple[float, float] = (0.17, 0.23)
 GAP = 2  # pixels kept between bounding boxes, so shapes never touch
-_LOCATIONS = (
-    ("at the top left", "at the top", "at the top right"),
-    ("on the left", "in the centre", "on the right"),
-    ("at the bottom left", "at the bottom", "at the bottom right"),
-)
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,7 @@ def _overlaps(a: Shape, b: Shape) -> bool:
 
 
 def sample_scene(rng: random.Random, image_size: int, grid: int = 0) -> list[Shape]:
-    """Draw 2-5 shapes with random colour, kind, size and non-overlapping position.
+    """Draw 3-7 shapes with random colour, kind, size and non-overlapping position.
 
     ``grid`` > 0 centres each shape in a distinct cell of a ``grid`` x ``grid`` layout instead of
     anywhere. With the cells matching the vision encoder's token grid (4 x 4 for a 64-px tile and
@@ -105,22 +103,3 @@ def render_scene(shapes: Sequence[Shape], image_size: int) -> Image.Image:
         else:  # an upright triangle; its centre (x, y) lies inside it
             draw.polygon([(item.x, top), (left, bottom), (right, bottom)], fill=fill)
     return image
-
-
-def location(item: Shape, image_size: int) -> str:
-    """The shape's cell in a 3x3 grid, as words: "at the top left", "in the centre", ..."""
-    row, column = (min(3 * v // image_size, 2) for v in (item.y, item.x))
-    return _LOCATIONS[row][column]
-
-
-def describe_scene(shapes: Sequence[Shape], image_size: int) -> str:
-    """The reference description, in reading order (3x3 grid row, then left to right)."""
-    ordered = sorted(shapes, key=lambda s: (min(3 * s.y // image_size, 2), s.x, s.y))
-    parts = [f"a {s.name} {location(s, image_size)}" for s in ordered]
-    return f"There are {len(shapes)} shapes: {join_words(parts)}."
-
-
-
-def join_words(parts: Sequence[str]) -> str:
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-

@@ -3,7 +3,8 @@
 A response counts as correct when the pipeline's v1 extraction finds a ``Final answer:`` and
 its judge (modes :data:`mpo.demo.stages.MATCH_MODES`) accepts it; an unparsable response counts
 as wrong. Generation goes through the pipeline's transformers backend, so a question is encoded
-exactly as it was when the training pairs were sampled.
+exactly as it was when the training pairs were sampled. The SFT model is also asked with the
+direct prompt (its whole response is the answer), the way most of its SFT targets were written.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mpo.demo.stages import MATCH_MODES, SYSTEM_PROMPT, cot_prompt, write_jsonl
+from mpo.demo.chains import TALLY_ENTRY
+from mpo.demo.stages import MATCH_MODES, SYSTEM_PROMPT, cot_prompt, direct_prompt, write_jsonl
 
 
 @dataclass
@@ -33,20 +35,52 @@ class EvalResult:
         return self.correct / self.questions if self.questions else 0.0
 
 
-def judge_response(response: str, answer: str) -> tuple[str | None, str]:
-    """(extracted answer, ``correct`` | ``incorrect`` | ``unparsable``) by the pipeline's rules."""
+def judge_response(response: str, answer: str, direct: bool = False) -> tuple[str | None, str]:
+    """(extracted answer, ``correct`` | ``incorrect`` | ``unparsable``) by the pipeline's rules.
+
+    ``direct``: the response to the direct prompt, whose one line is the answer.
+    """
     from data_pipeline.extract import extract_answer
     from data_pipeline.match import judge
 
-    extraction = extract_answer(response, "final_answer")
-    if not extraction.ok:
-        return None, "unparsable"
-    correct = judge(extraction.answer, answer, MATCH_MODES).correct
-    return extraction.answer, "correct" if correct else "incorrect"
+    if direct:
+        extracted = response.strip()
+        if not extracted or "\n" in extracted:
+            return None, "unparsable"
+    else:
+        extraction = extract_answer(response, "final_answer")
+        if not extraction.ok:
+            return None, "unparsable"
+        extracted = extraction.answer
+    correct = judge(extracted, answer, MATCH_MODES).correct
+    return extracted, "correct" if correct else "incorrect"
+
+
+def greedy_responses(model_dir: Path, records: list[dict], image_root: Path, prompts: list[str],
+                     max_new_tokens: int, batch_size: int, desc: str) -> list[str]:
+    """The greedy response to each ``prompts[i]`` over ``records[i]["image"]``, in input order."""
+    from data_pipeline.backends import GenerationRequest, SamplingParams, TransformersBackend
+    from mpo.inputs import load_image
+    from mpo.prompting import resolve_system_prompt
+
+    backend = TransformersBackend(model_dir, device="cpu", dtype="float32")
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, max_tiles=1)
+    # One family per batch where possible: similar lengths, fewer wasted decoding steps.
+    order = sorted(range(len(records)), key=lambda i: records[i]["kind"])
+    responses: list[str] = [""] * len(records)
+    with tqdm(total=len(order), desc=desc, unit="q", dynamic_ncols=True, mininterval=0.5) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            requests = [GenerationRequest(question=prompts[i], images=(load_image(image_root / records[i]["image"]),),
+                                          system_prompt=resolve_system_prompt(SYSTEM_PROMPT)) for i in batch]
+            for i, generation in zip(batch, backend.generate(requests, params)):
+                responses[i] = generation.texts[0]
+            bar.update(len(batch))
+    return responses
 
 
 def evaluate(model_dir: Path, questions: list[dict], image_root: Path, out_path: Path,
-             max_new_tokens: int, batch_size: int, prompt: str, desc: str = "eval") -> EvalResult:
+             max_new_tokens: int, batch_size: int, prompt: str, desc: str = "eval", direct: bool = False) -> EvalResult:
     """Answers every question greedily and judges it; writes one JSON line per question.
 
     Args:
@@ -57,28 +91,14 @@ def evaluate(model_dir: Path, questions: list[dict], image_root: Path, out_path:
         max_new_tokens: generation budget per response.
         batch_size: questions per generate call.
         prompt: the chain-of-thought template the model was trained with (``v1`` or ``short``).
+        direct: ask with the direct prompt instead, and judge the whole response.
     """
-    from data_pipeline.backends import GenerationRequest, SamplingParams, TransformersBackend
-    from mpo.inputs import load_image
-    from mpo.prompting import resolve_system_prompt
-
-    backend = TransformersBackend(model_dir, device="cpu", dtype="float32")
-    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, max_tiles=1)
-    # One family per batch where possible: similar lengths, fewer wasted decoding steps.
-    ordered = sorted(questions, key=lambda r: r["kind"])
+    prompts = [direct_prompt(r["question"]) if direct else cot_prompt(r["question"], prompt) for r in questions]
     predictions = []
-    with tqdm(total=len(ordered), desc=desc, unit="q", dynamic_ncols=True, mininterval=0.5) as bar:
-        for start in range(0, len(ordered), batch_size):
-            batch = ordered[start : start + batch_size]
-            requests = [GenerationRequest(question=cot_prompt(r["question"], prompt), images=(load_image(image_root / r["image"]),),
-                                          system_prompt=resolve_system_prompt(SYSTEM_PROMPT))
-                        for r in batch]
-            for record, generation in zip(batch, backend.generate(requests, params)):
-                response = generation.texts[0]
-                extracted, status = judge_response(response, record["answer"])
-                predictions.append({"id": record["id"], "kind": record["kind"], "answer": record["answer"],
-                                    "response": response, "extracted": extracted, "status": status})
-            bar.update(len(batch))
+    for record, response in zip(questions, greedy_responses(model_dir, questions, image_root, prompts, max_new_tokens, batch_size, desc)):
+        extracted, status = judge_response(response, record["answer"], direct)
+        predictions.append({"id": record["id"], "kind": record["kind"], "answer": record["answer"],
+                            "response": response, "extracted": extracted, "status": status})
     predictions.sort(key=lambda p: p["id"])
     write_jsonl(out_path, predictions)
     totals, right = Counter(), Counter()
@@ -92,6 +112,40 @@ def evaluate(model_dir: Path, questions: list[dict], image_root: Path, out_path:
         per_kind={kind: right[kind] / totals[kind] for kind in sorted(totals)},
         predictions=predictions,
     )
+
+
+def tally_accuracy(responses: list[str], describe: list[dict]) -> tuple[float, float]:
+    """(share of responses that are exactly the reference tallies, share of tally entries right).
+
+    The entries are the three colour counts of a describe item; one missing from a response counts
+    as wrong.
+    """
+    exact = entries = total = 0
+    for response, record in zip(responses, describe, strict=True):
+        exact += response.strip() == record["cot"]
+        truth = dict(TALLY_ENTRY.findall(record["cot"]))
+        stated = dict(TALLY_ENTRY.findall(response))
+        entries += sum(stated.get(name) == value for name, value in truth.items())
+        total += len(truth)
+    return (exact / len(describe), entries / total) if describe else (0.0, 0.0)
+
+
+def evaluate_tallies(model_dir: Path, describe: list[dict], image_root: Path, out_path: Path,
+                     max_new_tokens: int, batch_size: int, prompt: str) -> tuple[float, float]:
+    """The perception check: greedy describe responses on held-out images against their tallies."""
+    prompts = [cot_prompt(r["question"], prompt) for r in describe]
+    responses = greedy_responses(model_dir, describe, image_root, prompts, max_new_tokens, batch_size, "tallies")
+    write_jsonl(out_path, [{"id": r["id"], "reference": r["cot"], "response": response}
+                           for r, response in zip(describe, responses)])
+    return tally_accuracy(responses, describe)
+
+
+def by_kind(records: list[dict]) -> dict[str, list[dict]]:
+    """Records grouped by question family, families in sorted order."""
+    groups: dict[str, list[dict]] = {}
+    for record in sorted(records, key=lambda r: r["kind"]):
+        groups.setdefault(record["kind"], []).append(record)
+    return groups
 
 
 # The image-swap test runs on these models only: each costs one more greedy pass.

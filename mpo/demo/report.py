@@ -1,62 +1,24 @@
-"""``report.md`` and the PNG plots of a demo run (one or several seeds).
+"""``report.md`` of a demo run (one or several seeds).
 
 The report holds the held-out accuracy of every method per seed with mean ± standard deviation
-and range, the gain over the SFT model against the issue's target, per-family accuracy, the pair
-counts per MMPR subset, the settings, and the wall and CPU time of every stage. The plots are
-``accuracy.png`` (accuracy per method, one dot per seed) and ``training_curves_seed<N>.png``
-(every loss term and reward metric the trainer logged, one line per training run).
+and range, each target of the demo with whether it is met, what the numbers rest on (the SFT
+model's perception, the majority-answer baseline, the image-swap test, pass@K, the share of
+chosen chains that are right claim by claim), per-family accuracy against each family's
+baseline, the pair counts per MMPR subset, the settings, and the wall and CPU time of every stage.
+A preset of :data:`mpo.demo.settings.STAGE_CHECK_PRESETS` checks the stages, not accuracy; its
+report says so instead of judging targets.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
 
-METHOD_LABELS = {
-    "sft": "SFT model (stage 1)",
-    "mpo": "MPO (0.8 DPO + 0.2 BCO + 1.0 SFT)",
-    "dpo": "DPO alone (1/0/0)",
-    "sft_chosen": "SFT on chosen (0/0/1)",
-}
-CURVE_METRICS = [
-    "loss", "loss/dpo", "loss/bco", "loss/sft", "rewards/chosen", "rewards/rejected",
-    "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "bco/delta",
-    "grad_norm", "lr",
-]
-TARGET_GAIN = 10.0  # points of held-out accuracy, MPO over SFT, mean over seeds (issue 6)
+from mpo.demo.plots import plot_accuracy, plot_training_curves
+from mpo.demo.results import METHOD_LABELS, SeedResult, short_label
+from mpo.demo.settings import STAGE_CHECK_PRESETS
 
-
-@dataclass
-class SeedResult:
-    """What one seed's run produced (also written to ``seed<N>/result.json``)."""
-
-    seed: int
-    accuracy: dict[str, float] = field(default_factory=dict)
-    """method -> held-out accuracy in [0, 1]."""
-    per_kind: dict[str, dict[str, float]] = field(default_factory=dict)
-    unparsable: dict[str, int] = field(default_factory=dict)
-    eval_questions: int = 0
-    sample_accuracy: float | None = None
-    """Accuracy of the SFT model's K sampled responses on the train questions."""
-    pairs: dict[str, int] = field(default_factory=dict)
-    """MMPR subset -> pairs."""
-    build: dict = field(default_factory=dict)
-    """Counts from the pipeline summary: questions, samples, parse failures, all-correct, all-wrong."""
-    timings: dict[str, dict[str, float]] = field(default_factory=dict)
-    """stage -> {"wall": s, "cpu": s}."""
-    runs: dict[str, str] = field(default_factory=dict)
-    """training run -> its output directory (holding metrics.jsonl)."""
-    majority_baseline: float | None = None
-    """Held-out accuracy of answering each family's most common train answer, image unseen."""
-    image_sensitivity: dict[str, float] = field(default_factory=dict)
-    """method -> share of held-out answers that change when each image is swapped for another."""
-
-
-def _short(method: str) -> str:
-    """``"MPO (0.8 DPO + ...)"`` -> ``"MPO"``: the label without its weights, for tight spaces."""
-    return METHOD_LABELS.get(method, method).split(" (")[0]
+TARGET_GAIN = 10.0  # points of held-out accuracy, MPO over SFT, mean over seeds
 
 
 def _points(value: float) -> str:
@@ -72,11 +34,15 @@ def _mean_spread(values: list[float]) -> str:
     return f"{mean:.1f} ± {std:.1f} [{100 * min(values):.1f}, {100 * max(values):.1f}]"
 
 
+def _methods(results: list[SeedResult], attribute: str) -> list[str]:
+    """The methods every seed has a value of ``attribute`` for, in the report's order."""
+    return [m for m in METHOD_LABELS if all(m in getattr(r, attribute) for r in results)]
+
+
 def accuracy_table(results: list[SeedResult]) -> list[str]:
-    methods = [m for m in METHOD_LABELS if all(m in r.accuracy for r in results)]
     head = "| method | " + " | ".join(f"seed {r.seed}" for r in results) + " | mean" + (" ± std [min, max]" if len(results) > 1 else "") + " | vs SFT |"
     lines = [head, "|" + "---|" * (len(results) + 3)]
-    for method in methods:
+    for method in _methods(results, "accuracy"):
         values = [r.accuracy[method] for r in results]
         gains = [r.accuracy[method] - r.accuracy["sft"] for r in results]
         gain = "" if method == "sft" else f"{100 * statistics.fmean(gains):+.1f}"
@@ -85,25 +51,108 @@ def accuracy_table(results: list[SeedResult]) -> list[str]:
     return lines
 
 
-def _gain_verdict(results: list[SeedResult]) -> str:
-    gains = [r.accuracy["mpo"] - r.accuracy["sft"] for r in results]
-    mean = 100 * statistics.fmean(gains)
-    met = "met" if mean >= TARGET_GAIN else "not met"
-    per_seed = ", ".join(f"{100 * g:+.1f}" for g in gains)
-    return (f"MPO over the SFT model: **{mean:+.1f} points** mean over {len(results)} seed(s) "
-            f"(per seed: {per_seed}); the target of +{TARGET_GAIN:.0f} points is **{met}**.")
+def _gain(results: list[SeedResult], method: str, over: str) -> tuple[float, str]:
+    """(mean gain of ``method`` over ``over`` in points, "per seed a, b; std s")."""
+    gains = [100 * (r.accuracy[method] - r.accuracy[over]) for r in results]
+    spread = f"; std {statistics.stdev(gains):.1f}" if len(gains) > 1 else ""
+    return statistics.fmean(gains), "per seed " + ", ".join(f"{g:+.1f}" for g in gains) + spread
+
+
+def families_below_baseline(result: SeedResult) -> list[str]:
+    """Question families where the SFT model is not above the majority-answer baseline."""
+    return [kind for kind, accuracy in result.per_kind["sft"].items() if accuracy <= result.per_kind_baseline.get(kind, 0.0)]
+
+
+def targets(results: list[SeedResult]) -> list[str]:
+    """Each target of the demo, its measured value, and whether it is met."""
+    def verdict(met: bool) -> str:
+        return "**met**" if met else "**not met**"
+
+    gain, detail = _gain(results, "mpo", "sft")
+    lines = [f"- MPO over the SFT model: **{gain:+.1f} points** mean over {len(results)} seed(s) ({detail}); "
+             f"target +{TARGET_GAIN:.0f}: {verdict(gain >= TARGET_GAIN)}."]
+    for other in ("sft_chosen", "dpo"):
+        gain, detail = _gain(results, "mpo", other)
+        lines.append(f"- MPO over {METHOD_LABELS[other]}: {gain:+.1f} points ({detail}); MPO above it: {verdict(gain > 0)}.")
+    below = {r.seed: families_below_baseline(r) for r in results}
+    failing = "; ".join(f"seed {seed}: {', '.join(kinds)}" for seed, kinds in below.items() if kinds)
+    lines.append(f"- Every question family above its majority-answer baseline for the SFT model: "
+                 f"{verdict(not failing)}" + (f" (at or below it: {failing})." if failing else "."))
+    return lines
+
+
+def evidence(results: list[SeedResult]) -> list[str]:
+    """What the accuracies rest on: perception, the no-image baseline, the image swap, the samples
+    and their chains, the sampling error, and the unparsable answers."""
+    def across(values: list[float]) -> str:
+        return _mean_spread(values) + " %"
+
+    lines = []
+    methods = _methods(results, "tallies")
+    if methods:
+        lines.append("Perception (the describe item on every held-out image: its colour tally, three counts): "
+                     + "; ".join(f"{METHOD_LABELS[m]} {across([r.tallies[m][0] for r in results])} exactly right, "
+                                 f"{across([r.tallies[m][1] for r in results])} of the counts right" for m in methods) + ".")
+    lines.append(f"Majority-answer baseline (each family's most common train answer, image unseen): "
+                 f"{across([r.majority_baseline for r in results])}.")
+    methods = _methods(results, "image_sensitivity")
+    if methods:
+        lines.append("Held-out answers that change when each image is swapped for another test image: "
+                     + ", ".join(f"{METHOD_LABELS[m]} {across([r.image_sensitivity[m] for r in results])}" for m in methods)
+                     + ". A model that reads the image changes most of its answers.")
+    if all(r.pass_at_k is not None for r in results):
+        chosen = ("Chosen responses of the correctness pairs (distinct), checked claim by claim (each tally entry "
+                  "against the scene, each operation against the reference chain's): "
+                  + _chain_split([r.chosen_chains for r in results]) + "."
+                  if all(r.chosen_chains for r in results) else "Some seed has no correctness pairs to check.")
+        lines.append(f"The SFT model's samples on the train questions: {across([r.sample_accuracy for r in results])} correct, "
+                     f"pass@K (a question with at least one correct sample) {across([r.pass_at_k for r in results])}. "
+                     + chosen)
+    methods = _methods(results, "eval_chains")
+    if methods:
+        lines.append("Held-out chain-of-thought responses, checked the same way: "
+                     + "; ".join(f"{short_label(m)} {_chain_split([r.eval_chains[m] for r in results])}" for m in methods) + ".")
+    questions = min(r.eval_questions for r in results)
+    p = statistics.fmean(r.accuracy["sft"] for r in results)
+    lines.append(f"Each accuracy is over {questions} held-out questions: ±{100 * (p * (1 - p) / questions) ** 0.5:.1f} points of "
+                 "sampling error (binomial standard error at the SFT model's accuracy), so a per-seed difference below "
+                 "about twice that is noise.")
+    methods = _methods(results, "unparsable")
+    lines.append("Held-out answers without a parsable final answer, mean per seed: "
+                 + ", ".join(f"{short_label(m)} {statistics.fmean(r.unparsable[m] for r in results):.1f}" for m in methods) + ".")
+    return lines
+
+
+def _chain_split(shares: list[dict[str, float]]) -> str:
+    """"a % right, b % with a perception error, c % with a reasoning error" (means over seeds)."""
+    def mean(kind: str) -> str:
+        return _mean_spread([share[kind] for share in shares])
+
+    return f"{mean('none')} % right, {mean('perception')} % with a perception error, {mean('reasoning')} % with a reasoning error"
+
+
+def stage_check_note(results: list[SeedResult], settings: dict, preset: str) -> str:
+    return (f"The `{preset}` preset checks that every stage runs and writes its outputs: its model trains "
+            f"{settings['sft_steps']} SFT steps and answers {results[0].eval_questions} held-out questions, so its "
+            "accuracies measure nothing and no target is judged. `mpo demo` (the default preset) measures them.")
 
 
 def per_kind_table(results: list[SeedResult]) -> list[str]:
-    methods = [m for m in METHOD_LABELS if all(m in r.per_kind for r in results)]
+    """Accuracy per family and method against the family's baseline, and its image-swap share."""
+    methods = _methods(results, "per_kind")
+    swapped = _methods(results, "per_kind_swap")
     kinds = sorted({k for r in results for m in methods for k in r.per_kind[m]})
-    lines = ["| question family | " + " | ".join(_short(m) for m in methods) + " |",
-             "|" + "---|" * (len(methods) + 1)]
+    lines = ["| question family | majority baseline | " + " | ".join(short_label(m) for m in methods) + " | "
+             + " | ".join(f"changed by image swap, {short_label(m)}" for m in swapped) + " |",
+             "|" + "---|" * (len(methods) + len(swapped) + 2)]
+
+    def mean(values: list[float]) -> str:
+        return _points(statistics.fmean(values)) if values else "-"
+
     for kind in kinds:
-        cells = []
-        for method in methods:
-            values = [r.per_kind[method][kind] for r in results if kind in r.per_kind[method]]
-            cells.append(_points(statistics.fmean(values)))
+        cells = [mean([r.per_kind_baseline[kind] for r in results if kind in r.per_kind_baseline])]
+        cells += [mean([r.per_kind[m][kind] for r in results if kind in r.per_kind[m]]) for m in methods]
+        cells += [mean([r.per_kind_swap[m][kind] for r in results if kind in r.per_kind_swap[m]]) for m in swapped]
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     return lines
 
@@ -119,13 +168,15 @@ def pairs_table(results: list[SeedResult]) -> list[str]:
 
 
 def build_table(results: list[SeedResult]) -> list[str]:
-    keys = ["questions", "samples", "parse_failures", "all_correct", "all_wrong", "ntp_skipped", "ntp_identical"]
+    keys = ["questions", "samples", "parse_failures", "all_correct", "all_wrong", "ntp_skipped", "ntp_identical",
+            "wrong_chains_dropped"]
     lines = ["| sampling (train questions) | " + " | ".join(f"seed {r.seed}" for r in results) + " |",
              "|" + "---|" * (len(results) + 1)]
     lines.append("| accuracy of the SFT model's samples | " + " | ".join(
         "-" if r.sample_accuracy is None else _points(r.sample_accuracy) for r in results) + " |")
+    lines.append("| pass@K | " + " | ".join("-" if r.pass_at_k is None else _points(r.pass_at_k) for r in results) + " |")
     for key in keys:
-        lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(str(r.build.get(key, 0)) for r in results) + " |")
+        lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(str(r.build.get(key, "-")) for r in results) + " |")
     return lines
 
 
@@ -143,110 +194,6 @@ def timing_table(results: list[SeedResult]) -> list[str]:
     return lines
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_training_curves(result: SeedResult, path: Path) -> Path:
-    """One panel per logged metric, one line per training run of this seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = {name: read_metrics(run_dir) for name, run_dir in result.runs.items()}
-    metrics = [m for m in CURVE_METRICS if any(m in row for rows in runs.values() for row in rows)]
-    columns = 4
-    rows = max(1, -(-len(metrics) // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
-    for axis, metric in zip(axes.flat, metrics):
-        for name, lines in runs.items():
-            points = [(row["step"], row[metric]) for row in lines if metric in row]
-            if points:
-                axis.plot(*zip(*points), label=_short(name) if name != "sft" else "SFT (stage 1)", linewidth=1)
-        axis.set_title(metric)
-        axis.set_xlabel("step")
-        axis.grid(alpha=0.3)
-    for axis in list(axes.flat)[len(metrics):]:
-        axis.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="upper center", ncol=len(labels), frameon=False)
-    figure.suptitle(f"training curves, seed {result.seed}", y=1.02)
-    figure.tight_layout()
-    figure.savefig(path, dpi=80, bbox_inches="tight")
-    plt.close(figure)
-    return path
-
-
-def plot_accuracy(results: list[SeedResult], path: Path) -> Path:
-    """Held-out accuracy per method: a bar at the mean, a dot per seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = [m for m in METHOD_LABELS if all(m in r.accuracy for r in results)]
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for index, method in enumerate(methods):
-        values = [100 * r.accuracy[method] for r in results]
-        axis.bar(index, statistics.fmean(values), color=f"C{index}", alpha=0.7)
-        axis.scatter([index] * len(values), values, color="black", s=12, zorder=3)
-        axis.text(index, statistics.fmean(values) + 1, f"{statistics.fmean(values):.1f}", ha="center")
-    axis.set_xticks(range(len(methods)), [_short(m) for m in methods])
-    axis.set_ylabel("held-out accuracy (%)")
-    axis.set_ylim(0, 100)
-    axis.set_title(f"shapes task, greedy CoT, {len(results)} seed(s)")
-    axis.grid(axis="y", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
-    return path
-
-
-def diagnostics(results: list[SeedResult]) -> list[str]:
-    """How far the models read the image: the no-image baseline and the image-swap test."""
-    lines = []
-    baselines = [r.majority_baseline for r in results if r.majority_baseline is not None]
-    if baselines:
-        lines.append(f"Majority-answer baseline (each question family's most common train answer, image unseen): "
-                     f"{_mean_spread(baselines)} %.")
-    methods = [m for m in METHOD_LABELS if all(m in r.image_sensitivity for r in results)]
-    if methods:
-        shares = ", ".join(f"{METHOD_LABELS[m]} {_mean_spread([r.image_sensitivity[m] for r in results])} %" for m in methods)
-        lines.append(f"Held-out answers that change when each image is swapped for another test image: {shares}. "
-                     "A model that reads the image changes most of its answers; one near 0 % answers from the "
-                     "question text alone, and preference pairs from its samples can then only move it "
-                     "towards the answer distribution of each family, never past the majority baseline.")
-    return lines
-
-
-def reading_the_numbers(results: list[SeedResult]) -> list[str]:
-    """Facts that say what the accuracy table can and cannot show: sampling error, what the
-    preference terms add over the pairs' chosen answers, and each method's unparsable answers."""
-    lines = []
-    if all(r.eval_questions and "sft" in r.accuracy for r in results):
-        questions = min(r.eval_questions for r in results)
-        p = statistics.fmean(r.accuracy["sft"] for r in results)
-        error = 100 * (p * (1 - p) / questions) ** 0.5
-        lines.append(f"Each accuracy is over {questions} held-out questions: ±{error:.1f} points of sampling error "
-                     "(binomial standard error at the SFT model's accuracy), so a per-seed difference below about "
-                     "twice that is noise.")
-    if all("mpo" in r.accuracy and "sft_chosen" in r.accuracy for r in results):
-        gain = 100 * statistics.fmean(r.accuracy["mpo"] - r.accuracy["sft_chosen"] for r in results)
-        lines.append(f"MPO over SFT on the chosen responses of the same pairs: {gain:+.1f} points "
-                     "(what the preference and quality terms add to training on the pairs' correct answers).")
-    methods = [m for m in METHOD_LABELS if all(m in r.unparsable for r in results)]
-    if methods:
-        counts = ", ".join(f"{_short(m)} {statistics.fmean(r.unparsable[m] for r in results):.1f}"
-                           for m in methods)
-        lines.append(f"Held-out answers without a parsable final answer, mean per seed: {counts}. "
-                     "Many of them mean the method broke the answer format rather than the reasoning.")
-    return lines
-
-
 def write_report(out_dir: Path, settings: dict, results: list[SeedResult], preset: str,
                  total_wall: float, total_cpu: float, machine: str = "") -> Path:
     """Writes ``report.md``, ``accuracy.png`` and one ``training_curves_seed<N>.png`` per seed."""
@@ -254,21 +201,24 @@ def write_report(out_dir: Path, settings: dict, results: list[SeedResult], prese
     plot_accuracy(results, out_dir / "accuracy.png")
     curves = [plot_training_curves(r, out_dir / f"training_curves_seed{r.seed}.png") for r in results]
     seeds = " ".join(str(r.seed) for r in results)
+    checks_only = preset in STAGE_CHECK_PRESETS
+    sft_data = results[0].sft_data
     lines = [
         "# MPO demo: the shapes task",
         "",
-        f"`mpo demo --preset {preset} --seeds {seeds}`: a small InternVL trained with SFT on reference "
-        "chains of thought, then with MPO on preference pairs built from its own samples, evaluated "
-        "greedily on held-out images (the pipeline's `Final answer:` extraction and judge; an "
-        f"unparsable answer counts as wrong). {results[0].eval_questions} held-out questions per seed.",
+        f"`mpo demo --preset {preset} --seeds {seeds}`: a small InternVL trained from scratch with SFT "
+        f"({sft_data.get('describe', 0)} describe items, {sft_data.get('direct', 0)} questions with the bare answer, "
+        f"{sft_data.get('cot', 0)} with a chain of thought), then with MPO on preference pairs built from its own "
+        "chain-of-thought samples, evaluated greedily with the chain-of-thought prompt on held-out images (the "
+        "pipeline's `Final answer:` extraction and judge; an unparsable answer counts as wrong). "
+        f"{results[0].eval_questions} held-out questions per seed.",
         "",
         "## Held-out accuracy (%)",
         "",
         *accuracy_table(results),
         "",
-        _gain_verdict(results),
-        "",
-        *[line for item in diagnostics(results) + reading_the_numbers(results) for line in (item, "")],
+        *([stage_check_note(results, settings, preset), ""] if checks_only else
+          [*targets(results), "", *[line for item in evidence(results) for line in (item, "")]]),
         "![accuracy](accuracy.png)",
         "",
         "## Accuracy per question family (%, mean over seeds)",

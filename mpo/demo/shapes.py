@@ -4,27 +4,22 @@ Launch::
 
     python -m mpo.demo.shapes OUT --train 400 --test 100 --questions-per-image 4 --seed 0
 
-Each image (``image_size`` pixels square, 64 by default: one tile of the demo model) holds 2-5
-non-overlapping shapes (circle, square, triangle) in four well-separated colours (red, green,
-blue, yellow), so every count is 0-5. Each image gets ``questions_per_image`` distinct checkable
-questions, one family (``kind``) after another in a seeded order:
+Each image (``image_size`` pixels square, 64 by default: one tile of the demo model) holds 3-7
+non-overlapping shapes (circle, square, triangle) in three primary colours (red, green, blue) on
+mid-grey, so every count is 0-7. Each image gets ``questions_per_image`` distinct checkable
+questions, one family (``kind``) after another in a seeded order; every answer is a whole number:
 
-    count_colour        How many red shapes are there?                        -> 3
-    count_shape         How many circles are there?                           -> 2
-    count_colour_shape  How many blue triangles are there?                    -> 1
-    count_total         How many shapes are there?                            -> 4
-    not_colour          How many shapes are not red?                          -> 1
-    sum_colours         How many red and blue shapes are there in total?      -> 4
-    difference          How many more red shapes than blue shapes are there?  -> 2
-    compare_more        Are there more red shapes than blue shapes?           A. Yes / B. No
-    compare_which       Which colour has more shapes, red or blue?            A. red / B. blue /
-                                                                  C. they have the same number
-    position_pair       Is the red circle to the left of the blue square?     A. Yes / B. No
-                        (also: to the right of, above, below)
-    position_extreme    Which shape is furthest to the left?                  A. the red circle /
-                        (also: right; closest to the top, bottom)             B. the blue square
+    count_colour   How many red shapes are there?                                        -> 3
+    count_total    How many shapes are there?                                            -> 6
+    sum_colours    How many shapes are red or blue?                                      -> 4
+    difference     How many more red shapes than blue shapes are there?                  -> 2
+    times          Each red shape holds 4 coins. How many coins do the red shapes hold?  -> 12
+    colour_points  Red shapes are worth 3 points, green shapes 1 point and blue shapes
+                   2 points. How many points are all the shapes worth?                   -> 13
 
-plus one open-ended "describe" question per image, for Dropout-NTP.
+plus one "describe" question per image, whose reference is the colour tally ("red 2, green 1,
+blue 3."): the perception every chain of thought starts from. Questions ask about colours only
+(``_shapes_questions.py`` says why); the kinds vary all the same.
 
 Layout written under OUT (images first, each JSONL last and atomically, so a killed run never
 leaves a half-written JSONL; stale files of an earlier, larger run in OUT are left alone)::
@@ -37,21 +32,19 @@ leaves a half-written JSONL; stale files of an earlier, larger run in OUT are le
 A line of ``<split>.jsonl`` (``image`` is relative to OUT)::
 
     {"id": "train-000001-q0", "image": "images/train/000001.png", "image_id": "train-000001",
-     "question": "How many red shapes are there?", "answer": "3", "answer_type": "number",
-     "choices": null, "kind": "count_colour",
-     "cot": "I count the red shapes: 2 red circles and 1 red square, 3 in total.\\nFinal answer: 3",
-     "scene": [{"colour": "red", "shape": "circle", "x": 12, "y": 40, "size": 12}, ...]}
+     "question": "Each red shape holds 4 coins. How many coins do the red shapes hold?",
+     "answer": "12", "kind": "times",
+     "cot": "red 3, green 1, blue 2. 3 x 4 = 12.\\nFinal answer: 12",
+     "scene": [{"colour": "red", "shape": "circle", "x": 8, "y": 40, "size": 12}, ...]}
 
-Multiple-choice lines have ``answer_type: "choice"``, ``choices: ["Yes", "No"]`` (the options in
-order A, B, ...), the options already listed in ``question`` and a letter as ``answer``.
 ``scene`` lists every shape: ``x``, ``y`` are its centre in pixels, ``size`` the side of its
-bounding square. ``cot`` is the reference chain of thought for SFT: a one-line rationale, a
-newline, then ``Final answer: <answer>`` (the pipeline's v1 answer format).
+bounding square. ``cot`` is the reference chain of thought: a one-line rationale (a tally, then
+one arithmetic operation per clause), a newline, then ``Final answer: <answer>`` (the pipeline's
+v1 answer format).
 
 A line of ``<split>_describe.jsonl`` has the same keys with ``kind: "describe"``,
-``answer: null`` (nothing checkable: the pipeline routes it to Dropout-NTP), ``answer_type`` and
-``choices`` null, and the reference description as ``cot`` ("There are 3 shapes: a red circle at
-the top left, ..."), so an SFT stage reads ``cot`` from both files alike.
+``answer: null`` (nothing checkable: the pipeline routes it to Dropout-NTP) and the colour tally
+as ``cot``, so an SFT stage reads ``cot`` from both files alike.
 
 ``question`` is raw: no ``<image>`` placeholder and no chain-of-thought instruction. The caller
 wraps it with the pipeline's v1 instruction (data_pipeline/prompts.py holds the official wording,
@@ -83,36 +76,27 @@ from typing import Any
 
 from mpo.demo._shapes_questions import (
     FAMILIES,
-    LETTERS,
-    POSITION_MARGIN,
+    WEIGHTS,
     Question,
+    colour_counts,
+    describe,
     sample_questions,
+    tally,
 )
-from mpo.demo._shapes_scene import (
-    BACKGROUND,
-    COLOURS,
-    MAX_SHAPES,
-    MIN_SHAPES,
-    SHAPES,
-    Shape,
-    describe_scene,
-    location,
-    render_scene,
-    sample_scene,
-)
+from mpo.demo._shapes_scene import BACKGROUND, COLOURS, MAX_SHAPES, MIN_SHAPES, SHAPES, Shape, render_scene, sample_scene
 
 __all__ = [
-    "BACKGROUND", "COLOURS", "DESCRIBE_QUESTIONS", "FAMILIES", "LETTERS", "MAX_QUESTIONS_PER_IMAGE",
-    "MAX_SHAPES", "MIN_SHAPES", "POSITION_MARGIN", "SHAPES", "SPLITS", "Question", "Shape",
-    "describe_scene", "generate_shapes_task", "location", "main", "render_scene",
-    "sample_questions", "sample_scene",
+    "BACKGROUND", "COLOURS", "DESCRIBE_QUESTIONS", "FAMILIES", "MAX_QUESTIONS_PER_IMAGE", "MAX_SHAPES", "MIN_SHAPES",
+    "SHAPES", "SPLITS", "WEIGHTS", "Question", "Shape", "colour_counts", "describe", "generate_shapes_task", "main",
+    "render_scene", "sample_questions", "sample_scene", "tally",
 ]
 
-MAX_QUESTIONS_PER_IMAGE = 12
+# Every scene offers at least this many distinct questions (3 + 1 + 3 + 3 + 1, no difference).
+MAX_QUESTIONS_PER_IMAGE = 11
 SPLITS: tuple[str, ...] = ("train", "test")
 DESCRIBE_QUESTIONS: tuple[str, ...] = (
     "Describe the image.",
-    "Describe the shapes in this image and where they are.",
+    "Count the shapes in this image by colour.",
     "What do you see in this picture?",
 )
 
@@ -155,7 +139,7 @@ def _make_items(
             if _scene_key(scene) not in avoid:
                 break
             attempt += 1  # an exact repeat of a train scene: redraw, so test stays unseen
-        questions = sample_questions(scene, image_size, rng, questions_per_image, families)
+        questions = sample_questions(scene, rng, questions_per_image, families)
         buffer = io.BytesIO()
         render_scene(scene, image_size).save(buffer, format="PNG")  # no timestamp: reproducible
         items.append(_Item(f"{split}-{index:06d}", f"images/{split}/{index:06d}.png", scene,
@@ -163,23 +147,21 @@ def _make_items(
     return items
 
 
-def _records(items: Sequence[_Item], image_size: int) -> tuple[list[dict], list[dict]]:
-    checkable, describe = [], []
+def _records(items: Sequence[_Item]) -> tuple[list[dict], list[dict]]:
+    checkable, describe_items = [], []
     for item in items:
         common = {"image": item.relative_path, "image_id": item.image_id}
         scene = [asdict(s) for s in item.scene]
         for j, q in enumerate(item.questions):
             checkable.append({
                 "id": f"{item.image_id}-q{j}", **common, "question": q.text, "answer": q.answer,
-                "answer_type": "choice" if q.choices else "number",
-                "choices": list(q.choices) or None, "kind": q.kind, "cot": q.cot, "scene": scene,
+                "kind": q.kind, "cot": q.cot, "scene": scene,
             })
-        describe.append({
+        describe_items.append({
             "id": f"{item.image_id}-describe", **common, "question": item.describe_question,
-            "answer": None, "answer_type": None, "choices": None, "kind": "describe",
-            "cot": describe_scene(item.scene, image_size), "scene": scene,
+            "answer": None, "kind": "describe", "cot": describe(item.scene), "scene": scene,
         })
-    return checkable, describe
+    return checkable, describe_items
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -211,7 +193,7 @@ def generate_shapes_task(
         num_train_images: images in the train split (each gives ``questions_per_image`` lines
             of ``train.jsonl`` and one of ``train_describe.jsonl``).
         num_test_images: images in the test split, never sharing a scene with train.
-        questions_per_image: distinct checkable questions per image, 1 to 12.
+        questions_per_image: distinct checkable questions per image, 1 to 11.
         seed: the same seed gives byte-identical files.
         image_size: side of the square images in pixels (at least 32).
         grid: 0 places shapes anywhere; N > 0 centres each in its own cell of an N x N grid
@@ -227,9 +209,9 @@ def generate_shapes_task(
     if not 1 <= questions_per_image <= MAX_QUESTIONS_PER_IMAGE:
         raise ValueError(f"questions_per_image must be in 1..{MAX_QUESTIONS_PER_IMAGE}")
     if image_size < 32:
-        raise ValueError("image_size must be >= 32 to fit 5 distinguishable shapes")
-    if grid < 0 or (grid and image_size // grid < 8):
-        raise ValueError("grid must be 0 (free placement) or leave cells of at least 8 px")
+        raise ValueError(f"image_size must be >= 32 to fit {MAX_SHAPES} distinguishable shapes")
+    if grid < 0 or (grid and (image_size // grid < 8 or grid * grid < MAX_SHAPES)):
+        raise ValueError(f"grid must be 0 (free placement) or have {MAX_SHAPES}+ cells of at least 8 px")
     train = _make_items("train", num_train_images, seed, image_size, questions_per_image, set(), grid, families)
     train_scenes = {_scene_key(item.scene) for item in train}
     test = _make_items("test", num_test_images, seed, image_size, questions_per_image,
@@ -248,12 +230,12 @@ def generate_shapes_task(
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         for item in items:
             _write_atomic(out / item.relative_path, item.png)
-        checkable, describe = _records(items, image_size)
+        checkable, describe_items = _records(items)
         _write_atomic(out / f"{split}.jsonl", _jsonl(checkable))
-        _write_atomic(out / f"{split}_describe.jsonl", _jsonl(describe))
+        _write_atomic(out / f"{split}_describe.jsonl", _jsonl(describe_items))
         summary[f"{split}_images"] = len(items)
         summary[f"{split}_questions"] = len(checkable)
-        summary[f"{split}_describe"] = len(describe)
+        summary[f"{split}_describe"] = len(describe_items)
         kinds[split] = dict(sorted(Counter(r["kind"] for r in checkable).items()))
     summary["kinds"] = kinds
     _write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())

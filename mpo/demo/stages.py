@@ -7,6 +7,7 @@ the DPO and BCO weights at 0), and ``data_pipeline`` samples, judges and pairs i
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,9 +16,9 @@ from mpo.demo.settings import DemoSettings
 
 DATASET = "shapes"
 DESCRIBE_DATASET = "shapes_describe"
-# The shapes answers are small integers and option letters: these modes judge them exactly, and
-# the same modes score the held-out evaluation, so "correct" means one thing throughout.
-MATCH_MODES = ("exact", "option", "numeric")
+# The shapes answers are whole numbers: these modes judge them exactly, and the same modes score
+# the held-out evaluation, so "correct" means one thing throughout.
+MATCH_MODES = ("exact", "numeric")
 # The SFT stage trains the chosen response only (weights 0/0/1), but an MMPR line needs a
 # non-empty rejected response; this one is never scored into the loss.
 SFT_PLACEHOLDER_REJECTED = "."
@@ -74,9 +75,34 @@ def cot_prompt(question: str, prompt: str) -> str:
     return build_cot_prompt(question, 1, prompt_template(prompt))
 
 
+# The short-answer instruction of the direct targets; the pipeline strips it when it builds a
+# chain-of-thought prompt, as the official pipeline does with "Answer with a single word" and kin.
+DIRECT_INSTRUCTION = "Answer with a single number."
+
+
+def direct_prompt(question: str) -> str:
+    """The user turn asking for the bare answer (the SFT stage's direct targets)."""
+    return f"<image>\n{question}\n{DIRECT_INSTRUCTION}"
+
+
+def is_cot_item(record_id: str, cot_share: float, seed: int) -> bool:
+    """Whether an SFT question gets its chain of thought (else its bare answer): a seeded draw per id."""
+    digest = hashlib.sha256(f"cot/{seed}/{record_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < cot_share * 2**64
+
+
 def task_records(task_dir: Path, split: str) -> tuple[list[dict], list[dict]]:
     """(checkable questions, describe items) of one split."""
     return read_jsonl(task_dir / f"{split}.jsonl"), read_jsonl(task_dir / f"{split}_describe.jsonl")
+
+
+def generate_task(task_dir: Path, settings: DemoSettings, seed: int) -> dict:
+    """The shapes task of ``settings`` under ``task_dir`` (:func:`mpo.demo.shapes.generate_shapes_task`)."""
+    from mpo.demo.shapes import generate_shapes_task
+
+    return generate_shapes_task(task_dir, num_train_images=settings.train_images, num_test_images=settings.test_images,
+                                questions_per_image=settings.questions_per_image, seed=seed, image_size=settings.image_size,
+                                grid=settings.grid, families=[f for f in settings.families.split(",") if f])
 
 
 def build_model(task_dir: Path, out_dir: Path, settings: DemoSettings, seed: int) -> Path:
@@ -89,19 +115,28 @@ def build_model(task_dir: Path, out_dir: Path, settings: DemoSettings, seed: int
 
     checkable, describe = task_records(task_dir, "train")
     corpus = [cot_prompt(r["question"], settings.prompt) + "\n" + r["cot"] for r in checkable + describe]
+    corpus += [direct_prompt(r["question"]) for r in checkable]
     return build_tiny_model(out_dir, size=settings.model_size, seed=seed, max_patches=1, corpus=corpus)
 
 
-def write_sft_data(task_dir: Path, out_path: Path, prompt: str) -> int:
-    """The SFT set: every train question and describe item with its reference chain of thought."""
+def write_sft_data(task_dir: Path, out_path: Path, prompt: str, cot_share: float, seed: int) -> dict[str, int]:
+    """The SFT set: every describe item (its tallies: perception) and every train question, a
+    ``cot_share`` of them with the chain-of-thought prompt and reference chain, the rest with the
+    direct prompt and the bare answer (the paper's SFT mix, mostly direct answers).
+
+    Returns the number of lines of each kind (``describe``, ``cot``, ``direct``).
+    """
     checkable, describe = task_records(task_dir, "train")
-    lines = [
-        {"image": r["image"], "question": cot_prompt(r["question"], prompt), "chosen": r["cot"],
-         "rejected": SFT_PLACEHOLDER_REJECTED, "id": r["id"]}
-        for r in checkable + describe
-    ]
+    lines = [{"image": r["image"], "question": cot_prompt(r["question"], prompt), "chosen": r["cot"],
+              "rejected": SFT_PLACEHOLDER_REJECTED, "id": r["id"]} for r in describe]
+    counts = {"describe": len(lines), "cot": 0, "direct": 0}
+    for r in checkable:
+        cot = is_cot_item(r["id"], cot_share, seed)
+        lines.append({"image": r["image"], "question": cot_prompt(r["question"], prompt) if cot else direct_prompt(r["question"]),
+                      "chosen": r["cot"] if cot else r["answer"], "rejected": SFT_PLACEHOLDER_REJECTED, "id": r["id"]})
+        counts["cot" if cot else "direct"] += 1
     write_jsonl(out_path, lines)
-    return len(lines)
+    return counts
 
 
 def train(
