@@ -2,7 +2,7 @@
 
 Launch::
 
-    mpo demo                          # seed 0, the default preset (~35 minutes on 2 shared CPU cores)
+    mpo demo                          # seed 0, the default preset (~14 minutes on 2 CPU cores)
     mpo demo --seeds 0 1 2            # three seeds, mean ± spread in the report
     mpo demo --preset quick           # every stage on a handful of questions, into outputs/demo-quick
     mpo demo --resume                 # continue an interrupted run: keep its task, model and trained models
