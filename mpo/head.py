@@ -37,6 +37,17 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _chunk_grads(grad_logits: torch.Tensor, rows_of_weight: torch.Tensor, wide_hidden: torch.Tensor,
+                 grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None, start: int) -> None:
+    """Adds one vocabulary chunk's share of ``d hidden`` and writes its rows of ``d weight``
+    (``grad_logits``: ``[N, chunk]``, the gradient reaching that chunk's logits); a ``None``
+    target is a gradient autograd did not ask for."""
+    if grad_hidden is not None:
+        grad_hidden.addmm_(grad_logits, rows_of_weight)
+    if grad_weight is not None:
+        grad_weight[start : start + rows_of_weight.shape[0]] = grad_logits.T @ wide_hidden
+
+
 class _Float32Logits(torch.autograd.Function):
     """``hidden @ weight.T`` in fp32 (``hidden``: ``[N, H]``, ``weight``: ``[V, H]``), saving only
     the 16-bit inputs for backward."""
@@ -66,11 +77,7 @@ class _Float32Logits(torch.autograd.Function):
             grad_weight = torch.empty_like(weight) if want_weight else None
             for start in range(0, weight.shape[0], ctx.chunk):
                 stop = min(start + ctx.chunk, weight.shape[0])
-                grad_rows = grad_logits[:, start:stop]
-                if want_hidden:
-                    grad_hidden.addmm_(grad_rows, weight[start:stop].to(dtype))
-                if want_weight:
-                    grad_weight[start:stop] = grad_rows.T @ wide_hidden
+                _chunk_grads(grad_logits[:, start:stop], weight[start:stop].to(dtype), wide_hidden, grad_hidden, grad_weight, start)
         return (grad_hidden.to(hidden.dtype) if want_hidden else None), grad_weight, None
 
 
@@ -113,10 +120,7 @@ class _Float32TokenLogps(torch.autograd.Function):
                 grad_logits = (wide_hidden @ rows_of_weight.T).sub_(log_total[:, None]).exp_().mul_(-grad_logps[:, None])
                 inside = (targets >= start) & (targets < stop)
                 grad_logits[rows[inside], targets[inside] - start] += grad_logps[inside]
-                if want_hidden:
-                    grad_hidden.addmm_(grad_logits, rows_of_weight)
-                if want_weight:
-                    grad_weight[start:stop] = grad_logits.T @ wide_hidden
+                _chunk_grads(grad_logits, rows_of_weight, wide_hidden, grad_hidden, grad_weight, start)
         return (grad_hidden.to(hidden.dtype) if want_hidden else None), grad_weight, None, None
 
 
