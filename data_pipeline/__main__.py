@@ -27,10 +27,10 @@ import traceback
 from data_pipeline.backends import BackendError
 from data_pipeline.records import ResumeError
 from data_pipeline.sharding import ShardSpec
-from mpo.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED
+from mpo.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED
 from mpo.config import MAX_IMAGE_PIXELS
 from mpo.errors import DataError
-from mpo.prompting import SYSTEM_PROMPT_CHOICES
+from mpo.data.prompting import SYSTEM_PROMPT_CHOICES
 
 
 def _json_object(text: str) -> dict:

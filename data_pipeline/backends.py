@@ -2,7 +2,7 @@
 
 Both take the same :class:`GenerationRequest` (a user turn with ``<image>`` placeholders, the
 images, the system message, an optional start of the assistant turn, how many samples, a seed)
-and return the texts. The prompt is always :mod:`mpo.prompting`'s: the checkpoint's own chat
+and return the texts. The prompt is always :mod:`mpo.data.prompting`'s: the checkpoint's own chat
 template over structured messages, the trainer's exact rendering.
 
 * :class:`TransformersBackend` runs an InternVL checkpoint in-process (CPU or GPU), batching the
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from mpo.prompting import chat_messages, encode_messages
+from mpo.data.prompting import chat_messages, encode_messages
 
 
 class BackendError(RuntimeError):

@@ -27,11 +27,12 @@ from data_pipeline.dropout_ntp import NTPSettings, continue_without_image, needs
 from data_pipeline.judging import MatchStats, match_records, merge_sample_logs
 from data_pipeline.mmpr import group_by_dataset, write_mmpr
 from data_pipeline.pairs import CORRECTNESS_SUFFIX, FORMAT_SUFFIX, PairStats, build_answer_pairs
-from data_pipeline.records import DirectoryLock, Question, SampleRecord, read_log, split_skipped, write_json_atomic, write_jsonl_atomic
+from data_pipeline.records import DirectoryLock, Question, SampleRecord, read_log, split_skipped
 from data_pipeline.sample import SampleSettings, sample_questions
 from data_pipeline.sharding import ShardSpec
 from mpo.config import MAX_IMAGE_PIXELS
 from mpo.errors import DataError
+from mpo.jsonl import write_json_atomic, write_jsonl_atomic
 
 
 @dataclass(frozen=True)

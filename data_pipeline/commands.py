@@ -13,10 +13,11 @@ from data_pipeline.dropout_ntp import NTPSettings, continue_without_image
 from data_pipeline.judging import match_records, merge_sample_logs, tally
 from data_pipeline.match import parse_modes
 from data_pipeline.prompts import get_template
-from data_pipeline.records import SampleRecord, iter_jsonl, read_log, read_questions, split_skipped, write_jsonl_atomic
+from data_pipeline.records import SampleRecord, iter_jsonl, read_log, read_questions, split_skipped
 from data_pipeline.sample import SampleSettings, sample_questions
 from mpo.errors import DataError
-from mpo.prompting import resolve_system_prompt
+from mpo.jsonl import write_json_atomic, write_jsonl_atomic
+from mpo.data.prompting import resolve_system_prompt
 
 
 class LazyBackend:

@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data_pipeline.pairs import Pair, deduplicate
-from data_pipeline.records import DirectoryLock, write_json_atomic, write_jsonl_atomic
+from data_pipeline.records import DirectoryLock
 from mpo.errors import DataError
+from mpo.jsonl import write_json_atomic, write_jsonl_atomic
 
 
 def write_subset(out_dir: str | os.PathLike, name: str, pairs: Sequence[Pair]) -> tuple[Path | None, int, int]:

@@ -1,6 +1,6 @@
 """The ``openai`` backend: chat-completions requests to one or several OpenAI-compatible servers.
 
-What is sent is exactly what :mod:`mpo.prompting` renders locally, so the server's own chat
+What is sent is exactly what :mod:`mpo.data.prompting` renders locally, so the server's own chat
 template (the checkpoint's) produces the trainer's token ids:
 
 * the messages of :meth:`GenerationRequest.messages`: the system message, the user turn's text
@@ -36,8 +36,8 @@ from pathlib import Path
 from PIL import Image
 
 from data_pipeline.backends import BackendError, Generation, GenerationRequest, SamplingParams
-from mpo.inputs import is_plain_rgb_file
-from mpo.prompting import tile_budget
+from mpo.data.media import is_plain_rgb_file
+from mpo.data.prompting import tile_budget
 
 # Request fields a server must accept for a prefix to be continued rather than answered.
 CONTINUE_FIELDS = ("continue_final_message", "add_generation_prompt")

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 
 from mpo.errors import DataError
-from mpo.prompting import IMAGE_PLACEHOLDER, normalize_question
+from mpo.data.prompting import IMAGE_PLACEHOLDER, normalize_question
 
 TEMPLATE_V1 = (
     "Your task is to answer the question below. "

@@ -1,4 +1,6 @@
-"""JSONL in and out: line-numbered reading, atomic writes, and the durable append log of a stage.
+"""The pipeline's records: input questions, sample records, and the durable append log of a stage.
+
+Atomic writes are :mod:`mpo.jsonl`'s (``write_jsonl_atomic``, ``write_json_atomic``).
 
 Every error about input names the file, the 1-based line and the field (:class:`mpo.errors.DataError`),
 so the CLI can print one line instead of a traceback.
@@ -10,14 +12,12 @@ import dataclasses
 import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from mpo.errors import DataError
-from mpo.jsonl import json_object_lines
+from mpo.jsonl import dumps_line, json_object_lines
 
 
 class ResumeError(RuntimeError):
@@ -175,54 +175,6 @@ def read_questions(path: str | os.PathLike, default_dataset: str, skip_bad: bool
         seen[question.id] = number
         questions.append(question)
     return questions, bad
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename is durable only once the directory entry is; not every filesystem allows it.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes via a temporary file in the same directory and ``os.replace``: readers see old or new."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def dumps_line(record: dict) -> str:
-    return json.dumps(record, ensure_ascii=False) + "\n"
-
-
-def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> int:
-    """Writes records atomically; returns the number of lines."""
-    lines = [dumps_line(record) for record in records]
-    write_text_atomic(path, "".join(lines))
-    return len(lines)
-
-
-def write_json_atomic(path: str | os.PathLike, value: Any) -> None:
-    write_text_atomic(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 class AppendLog:

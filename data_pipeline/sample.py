@@ -24,8 +24,8 @@ from data_pipeline.records import AppendLog, Question, SampleRecord
 from data_pipeline.sharding import ShardSpec, derive_seed
 from mpo.config import MAX_IMAGE_PIXELS
 from mpo.errors import DataError
-from mpo.inputs import load_image, open_image, resolve_data_path
-from mpo.prompting import INTERNVL_SYSTEM_MESSAGE
+from mpo.data.media import load_image, open_image, resolve_data_path
+from mpo.data.prompting import INTERNVL_SYSTEM_MESSAGE
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """``mpo-data serve``: a test server speaking the OpenAI chat-completions API over the transformers backend.
 
 For trying the ``openai`` backend end to end on one machine, and for checking what a client sends:
-it renders every request with the trainer's renderer (:mod:`mpo.prompting`, the checkpoint's chat
+it renders every request with the trainer's renderer (:mod:`mpo.data.prompting`, the checkpoint's chat
 template) and can return the prompt's token ids. It is a test server, not an engine: requests are
 accepted concurrently but generated one at a time (one model, one lock); throughput comes from
 ``n`` and from a real engine (vLLM, LMDeploy, SGLang).
@@ -31,8 +31,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from data_pipeline.backends import GenerationRequest, SamplingParams, TransformersBackend
 from mpo.errors import DataError
-from mpo.inputs import load_image
-from mpo.prompting import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from mpo.data.media import load_image
+from mpo.data.prompting import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
 
 class RequestError(ValueError):

@@ -1,5 +1,5 @@
 import sys
 
-from mpo.cli import main
+from mpo.cli.main import main
 
 sys.exit(main())

@@ -1,6 +1,23 @@
-"""The one error type for bad user input: it always names the file, the line and the field."""
+"""The one error type for bad user input (it names the file, the line and the field), and the
+exit codes every command shares.
+
+Exit codes, the same for ``mpo`` and ``mpo-data``:
+
+    0    done
+    1    the job failed while running: a crash (its traceback is printed), a launched process
+         that died, a model or server that failed, a run that produced nothing
+    2    usage or bad input: an unknown command, flag or recipe key, a bad value, a bad data
+         line; the last line says what to change
+    130  interrupted (Ctrl-C)
+"""
 
 from __future__ import annotations
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+ERROR_DIR_ENV = "MPO_ERROR_DIR"
+"""Set by ``mpo train --launch``: each training process writes its one-line error to
+``<dir>/rank<N>.txt`` instead of the console, and the launcher prints it as its last line."""
 
 
 class DataError(ValueError):

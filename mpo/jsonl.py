@@ -1,4 +1,6 @@
-"""Reading JSONL input line by line, the same way in the trainer and in ``mpo-data``.
+"""JSONL read line by line, and every file this project writes written atomically.
+
+Reading is the same in the trainer and in ``mpo-data``.
 
 A file that cannot be opened raises :class:`DataError` at once. A bad *line* (not UTF-8, not JSON,
 not an object) is yielded as a :class:`DataError` naming the file and line, so the caller decides:
@@ -8,9 +10,13 @@ line ends and a UTF-8 byte-order mark on the first line are accepted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 from mpo.errors import DataError
 
@@ -57,3 +63,74 @@ def _parse(raw: bytes, file: str, number: int) -> dict | DataError:
     if not isinstance(value, dict):
         return DataError(f"expected a JSON object, got {type(value).__name__}", file=file, line=number, field=LINE_FIELD)
     return value
+
+
+# ------------------------------------------------------------------------------ atomic writes
+
+
+def fsync_directory(directory: str | os.PathLike) -> None:
+    """Makes a rename (or a new entry) in ``directory`` durable; a no-op where the filesystem
+    does not allow opening a directory."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
+    """A temporary file beside ``path`` that becomes ``path`` when the block ends without error.
+
+    The one atomic writer of the project: the block writes the temporary file (by name, so any
+    library's ``save(path)`` can be used), then it is fsynced, given ``mode`` and renamed over
+    ``path``, and the directory is fsynced. Readers see the old file or the new one, never a
+    partial one; on an error (a full disk, an interrupt) the temporary file is removed, so
+    nothing is left holding the space. The name comes from ``mkstemp``, so several processes
+    writing the same path never share a temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, value: Any) -> None:
+    write_text_atomic(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def dumps_line(record: dict) -> str:
+    """One JSONL line (non-ASCII text kept as it is)."""
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> int:
+    """Writes records as JSONL atomically; returns the number of lines."""
+    lines = [dumps_line(record) for record in records]
+    write_text_atomic(path, "".join(lines))
+    return len(lines)

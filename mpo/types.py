@@ -62,7 +62,7 @@ class EncodedPair:
 class PreferenceBatch:
     """A micro-batch laid out for one forward pass, whatever the layout.
 
-    The rows hold ``num_pairs`` pairs in one of the layouts of :mod:`mpo.collate` (``plain``: a
+    The rows hold ``num_pairs`` pairs in one of the layouts of :mod:`mpo.data.layouts` (``plain``: a
     chosen row and a rejected row per pair; ``shared_prefix``: ``[prompt | chosen | rejected]``
     per pair; ``packed``: several such pairs per row). The scoring index says, for every response
     token, which hidden state predicts it and which sequence it belongs to, so log-probs are

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from accelerate.state import AcceleratorState, GradientState
 
-from mpo.examples import write_tiny_mmpr
-from mpo.tiny_model import build_tiny_model
+from mpo.data.tiny_mmpr import write_tiny_mmpr
+from mpo.model.tiny import build_tiny_model
 
 
 @pytest.fixture(scope="session")

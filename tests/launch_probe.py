@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 from mpo.config import load_recipe
-from mpo.distributed import local_and_total_numel
-from mpo.reference import FrozenModelReference
-from mpo.train import MPOTrainer
+from mpo.train.distributed import local_and_total_numel
+from mpo.model.reference import FrozenModelReference
+from mpo.train.trainer import MPOTrainer
 
 
 def main(argv: list[str]) -> None:

@@ -13,8 +13,9 @@ from pathlib import Path
 from PIL import Image
 
 from mpo.config import DataConfig
-from mpo.data import PreferenceDataset, read_annotation
-from mpo.prompting import INTERNVL_SYSTEM_MESSAGE, resolve_system_prompt
+from mpo.data.dataset import PreferenceDataset
+from mpo.data.mmpr import read_annotation
+from mpo.data.prompting import INTERNVL_SYSTEM_MESSAGE, resolve_system_prompt
 
 SYSTEM = INTERNVL_SYSTEM_MESSAGE
 C = "<IMG_CONTEXT>" * 16  # one 64-px tile of the tiny model: 16 image tokens
@@ -34,7 +35,7 @@ KINDS = {
     # 12 tiles shared by two images: 6 each, so 3x2 + thumbnail for the wide one, 1 for the square one.
     "two_images": ("Image-1: <image>\nImage-2: <image>\nCompare them.", ["wide.png", "square.png"], 12,
                    HEAD + f"Image-1: {image_run(7)}\nImage-2: {image_run(1)}\nCompare them." + TAIL),
-    # Mid-text: the template's newline after the image part stays (see mpo.prompting).
+    # Mid-text: the template's newline after the image part stays (see mpo.data.prompting).
     "mid_text": ("How <image> many?", ["square.png"], 6, HEAD + f"How {image_run(1)}\n many?" + TAIL),
 }
 PREFIX = "The image shows"

@@ -15,7 +15,8 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from mpo.config import DataConfig, recipe_from_dict
-from mpo.data import PreferenceDataset, load_records
+from mpo.data.dataset import PreferenceDataset
+from mpo.data.records import load_records
 from mpo.errors import DataError
 from tests.test_distributed import launch_env  # noqa: F401 (the fixture of launched runs)
 from tests.test_media import exif_rotated, header_only_png, write_clip
@@ -207,7 +208,7 @@ def _recipe(tiny_model_dir: Path, data: Path, out: Path, **data_extra) -> dict:
 def test_validate_reports_every_bad_record(tiny_model_dir, tmp_path, capsys):
     """``mpo validate``: the 9 bad records, one line each, in file order, the report file, exit 1;
     the 3 found by decoding are the ones that used to surface only when their batch came up."""
-    from mpo.cli import main
+    from mpo.cli.main import main
 
     data, _, expected = _broken_dataset(tmp_path)
     recipe = tmp_path / "r.yaml"
@@ -227,7 +228,7 @@ def test_validate_reports_every_bad_record(tiny_model_dir, tmp_path, capsys):
 
 
 def _run(recipe: dict):
-    from mpo.train import MPOTrainer
+    from mpo.train.trainer import MPOTrainer
 
     try:
         trainer = MPOTrainer(recipe_from_dict(recipe))
@@ -274,7 +275,7 @@ def test_skip_report_lists_each_bad_record_once_across_resumes(tiny_model_dir, t
 def test_skip_log_is_shared_by_processes(tmp_path):
     """Two processes' logs on one file (as under DDP): a record found by both is written once,
     each sees the other's entries, and a line torn by a kill is cut before the next write."""
-    from mpo.skips import SkipLog
+    from mpo.train.skip_log import SkipLog
 
     first = SkipLog(tmp_path, start_over=True)
     second = SkipLog(tmp_path, start_over=False)

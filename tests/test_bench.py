@@ -9,17 +9,18 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from mpo.bench import SCENARIOS, main
-from mpo.bench_ideal import shaped_pairs
-from mpo.bench_measure import FlopModel, Work, pair_work, path_tiles
-from mpo.bench_trl import trl_inputs, trl_work
+from mpo.tools.bench.scenarios import SCENARIOS
+from mpo.tools.bench.race import main
+from mpo.tools.bench.ideal import shaped_pairs
+from mpo.tools.bench.measure import FlopModel, Work, pair_work, path_tiles
+from mpo.tools.bench.peer_trl import trl_inputs, trl_work
 from mpo.types import EncodedPair
 
 PAIRS = [EncodedPair([1, 2, 3], [4], [5, 6], None), EncodedPair([7], [8, 9, 10], [11], None)]
 
 
 def test_flop_model_of_the_tiny_model_by_hand(tiny_model_dir):
-    """The tiny InternVL (mpo.tiny_model SIZES["tiny"]): text hidden 64, 2 layers, 4 heads of 16,
+    """The tiny InternVL (mpo.model.tiny SIZES["tiny"]): text hidden 64, 2 layers, 4 heads of 16,
     2 KV heads, MLP 128; vision hidden 32, 2 layers, MLP 128, 64-px tiles of 8-px patches.
 
     * per token: 2 FLOPs x 2 layers x (q 64*64 + k, v 2*64*32 + o 64*64 + MLP 3*64*128) = 147456

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from mpo.config import load_recipe, recipe_from_dict
 from mpo.errors import DataError
-from mpo.saving import load_model_weights
+from mpo.train.saving import load_model_weights
 from test_train import make_recipe, run
 
 # What accelerate adds to a checkpoint outside DeepSpeed: no model weights (the HF files are them).

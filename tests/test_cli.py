@@ -11,8 +11,11 @@ from dataclasses import dataclass
 import pytest
 
 from mpo import __version__
-from mpo.cli import COMMANDS, EXIT_BAD_INPUT, main, train_parser
-from mpo.config import Recipe, field_docs, recipe_keys
+from mpo.cli.main import COMMANDS, main
+from mpo.errors import EXIT_BAD_INPUT
+from mpo.cli.train import train_parser
+from mpo.config import Recipe
+from mpo.config_keys import field_docs, recipe_keys
 
 
 def _exit_code(argv: list[str]) -> int:

@@ -11,10 +11,12 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from mpo.config import DataConfig
-from mpo.data import PreferenceDataset, load_records, read_meta
+from mpo.data.dataset import PreferenceDataset
+from mpo.data.records import load_records
+from mpo.data.mmpr import read_meta
 from mpo.errors import DataError
-from mpo.inputs import load_video_frames
-from mpo.skips import SkipLog
+from mpo.data.media import load_video_frames
+from mpo.train.skip_log import SkipLog
 
 GOOD = {"image": "ok.png", "question": "<image>\nHow many circles?", "chosen": "Two.\nFinal answer: 2",
         "rejected": "Three.\nFinal answer: 3"}

@@ -24,7 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mpo.demo.chains import chain_shares
-from mpo.demo.evaluate import evaluate
+from mpo.demo.accuracy import evaluate
 from mpo.demo.run import chosen_responses, main
 from mpo.demo.settings import PRESETS, DemoSettings, apply_overrides
 from mpo.demo.stages import METHODS as METHODS_WEIGHTS
@@ -352,7 +352,7 @@ def test_keep_right_chains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_tally_accuracy_and_pass_at_k(tmp_path: Path) -> None:
-    from mpo.demo.evaluate import tally_accuracy
+    from mpo.demo.accuracy import tally_accuracy
     from mpo.demo.run import pass_at_k
 
     describe = [{"cot": "red 2, green 1, blue 0."}, {"cot": "red 0, green 3, blue 1."}]
@@ -406,7 +406,7 @@ def test_each_preset_its_own_folder_and_force(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_majority_baseline_swap_and_changed_share() -> None:
-    from mpo.demo.evaluate import changed_share, majority_baseline, swap_images
+    from mpo.demo.accuracy import changed_share, majority_baseline, swap_images
 
     train = [{"kind": "count", "answer": a} for a in "1123"] + [{"kind": "yes_no", "answer": a} for a in "ABB"]
     test = [{"kind": "count", "answer": "1"}, {"kind": "count", "answer": "2"}, {"kind": "yes_no", "answer": "B"},

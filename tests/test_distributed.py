@@ -2,7 +2,7 @@
 
 A 1-process run with micro-batch 2 x accumulation 2 and a 2-process run with micro-batch 1 x
 accumulation 2 train on the same 4 pairs at every step (the global batch is a function of seed
-and step only, :mod:`mpo.sampling`), average the same per-pair terms and gradients, and fold the
+and step only, :mod:`mpo.data.batch_order`), average the same per-pair terms and gradients, and fold the
 same rewards into the reward shift delta (all-reduced sum and count). So they must log the same
 losses step by step, and every process must end with the same delta as the single one.
 
@@ -46,7 +46,7 @@ import yaml
 from accelerate.state import AcceleratorState, GradientState
 
 from mpo.config import load_recipe
-from mpo.train import MPOTrainer
+from mpo.train.trainer import MPOTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -326,7 +326,7 @@ def test_precompute_with_offloaded_reference_matches_one_process(launch_env, tin
     the same pairs and log-probs as one process."""
     from safetensors import safe_open
 
-    from mpo.precompute import compute
+    from mpo.train.precompute import compute
 
     single = tmp_path / "single.safetensors"
     try:
@@ -336,7 +336,7 @@ def test_precompute_with_offloaded_reference_matches_one_process(launch_env, tin
         GradientState._reset_state()
     sharded = tmp_path / "sharded.safetensors"
     args = [str(RECIPE), *overrides(tiny_model_dir, tiny_mmpr_dir, tmp_path / "unused"), "--out", str(sharded)]
-    launch(launch_env, "zero3_offload.yaml", ["-m", "mpo.precompute"], args)
+    launch(launch_env, "zero3_offload.yaml", ["-m", "mpo.cli.precompute_ref"], args)
     with safe_open(str(single), "pt") as a, safe_open(str(sharded), "pt") as b:
         assert a.metadata() == b.metadata()  # same keys, skipped pairs and fingerprint
         for name in a.keys():

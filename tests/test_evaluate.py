@@ -13,11 +13,13 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from mpo.config import recipe_from_dict
-from mpo.evaluate import eval_micro_batches, improves, split_eval
-from mpo.forward import PreferenceForward
+from mpo.train.evaluation import improves
+from mpo.data.batch_order import lockstep_micro_batches
+from mpo.data.heldout import split_eval
+from mpo.model.forward import PreferenceForward
 from mpo.losses import bco_pair_loss, dpo_sigmoid_loss
-from mpo.modeling import load_reference
-from mpo.train import MPOTrainer
+from mpo.model.loading import load_reference
+from mpo.train.trainer import MPOTrainer
 from mpo.types import PreferenceRecord
 from test_train import make_recipe
 
@@ -73,10 +75,10 @@ def test_split_holds_out_whole_questions_seeded():
 
 def test_micro_batches_score_each_pair_once_and_match_in_count():
     """5 pairs on 2 processes, 2 per micro-batch: pairs 0,2,4 and 1,3; both run 2 forwards."""
-    assert eval_micro_batches(5, 0, 2, 2) == [[0, 2], [4]]
-    assert eval_micro_batches(5, 1, 2, 2) == [[1, 3], []]
-    assert eval_micro_batches(1, 1, 2, 1) == [[]]  # a process with no pair still runs one forward
-    assert eval_micro_batches(5, 0, 1, 2) == [[0, 1], [2, 3], [4]]
+    assert lockstep_micro_batches(range(5), 0, 2, 2) == [[0, 2], [4]]
+    assert lockstep_micro_batches(range(5), 1, 2, 2) == [[1, 3], []]
+    assert lockstep_micro_batches(range(1), 1, 2, 1) == [[]]  # a process with no pair still runs one forward
+    assert lockstep_micro_batches(range(5), 0, 1, 2) == [[0, 1], [2, 3], [4]]
 
 
 def test_best_is_replaced_only_by_a_strictly_better_value():

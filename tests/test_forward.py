@@ -16,10 +16,11 @@ import torch
 from torch.testing import assert_close
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from mpo.collate import collate_plain
+from mpo.data.layouts import collate_plain
 from mpo.config import DataConfig
-from mpo.data import PreferenceDataset, load_records
-from mpo.forward import PreferenceForward
+from mpo.data.dataset import PreferenceDataset
+from mpo.data.records import load_records
+from mpo.model.forward import PreferenceForward
 from mpo.types import EncodedPair, PreferenceBatch
 
 # Records of examples/tiny_mmpr in meta.json order: shapes 0-9, multi 10-15, text 16-20, video 21-23.

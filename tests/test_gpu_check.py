@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpo.gpu_check import check_bench, check_bf16, check_flex, main
+from mpo.tools.gpu_check import check_bench, check_bf16, check_flex, main
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the skip is what a machine without CUDA does")

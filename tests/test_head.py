@@ -10,11 +10,12 @@ import torch
 from torch.testing import assert_close
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from mpo.collate import collate_plain
+from mpo.data.layouts import collate_plain
 from mpo.config import DataConfig
-from mpo.data import PreferenceDataset, load_records
-from mpo.forward import PreferenceForward
-from mpo.head import Float32LMHead, _Float32Logits, _Float32TokenLogps
+from mpo.data.dataset import PreferenceDataset
+from mpo.data.records import load_records
+from mpo.model.forward import PreferenceForward
+from mpo.model.fp32_head import Float32LMHead, _Float32Logits, _Float32TokenLogps
 
 
 @pytest.fixture(scope="module")

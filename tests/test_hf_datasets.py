@@ -18,11 +18,12 @@ from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
 from mpo.config import DataConfig, ModelConfig, recipe_from_dict
-from mpo.data import PreferenceDataset, load_records
+from mpo.data.dataset import PreferenceDataset
+from mpo.data.records import load_records
 from mpo.errors import DataError
-from mpo.hf_datasets import data_files, parse_row, read_dataset
-from mpo.modeling import load_processor
-from mpo.train import MPOTrainer
+from mpo.data.trl_dataset import data_files, parse_row, read_dataset
+from mpo.model.loading import load_processor
+from mpo.train.trainer import MPOTrainer
 
 SUBSETS = ("shapes_pairs_vqa_correctness_rules", "multi_pairs_vqa_correctness_rules")
 

@@ -15,7 +15,7 @@ from accelerate.state import AcceleratorState, GradientState
 
 from mpo.config import load_recipe
 from mpo.errors import DataError
-from mpo.train import MPOTrainer
+from mpo.train.trainer import MPOTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "tiny_cpu.yaml"

@@ -10,9 +10,9 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from mpo.config import load_recipe
-from mpo.forward import PreferenceForward
-from mpo.modeling import load_reference
-from mpo.train import MPOTrainer
+from mpo.model.forward import PreferenceForward
+from mpo.model.loading import load_reference
+from mpo.train.trainer import MPOTrainer
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu.yaml"
 
@@ -80,7 +80,7 @@ def test_lora_recipe_keys_reach_peft(tiny_model_dir):
     from peft import PeftModel
 
     from mpo.config import LoraConfig, ModelConfig
-    from mpo.modeling import load_policy
+    from mpo.model.loading import load_policy
 
     lora = LoraConfig(enabled=True, r=8, alpha=4, dropout=0.25, target_modules=["q_proj", "v_proj"])
     model = load_policy(ModelConfig(name_or_path=str(tiny_model_dir), dtype="float32", lora=lora))
@@ -96,11 +96,11 @@ def test_lora_recipe_keys_reach_peft(tiny_model_dir):
 
 @pytest.mark.parametrize("vision", [False, True])
 def test_merged_state_dict_equals_peft_merge(tiny_model_dir, vision):
-    """mpo.saving merges from a (gathered) state dict, as it must under ZeRO-3; it gives peft's
+    """mpo.train.saving merges from a (gathered) state dict, as it must under ZeRO-3; it gives peft's
     own merge_and_unload, bit for bit."""
     from mpo.config import LoraConfig, ModelConfig
-    from mpo.modeling import load_policy
-    from mpo.saving import merge_lora_state_dict
+    from mpo.model.loading import load_policy
+    from mpo.train.saving import merge_lora_state_dict
 
     lora = LoraConfig(enabled=True, r=4, alpha=8, vision=vision)
     model = load_policy(ModelConfig(name_or_path=str(tiny_model_dir), dtype="float32", lora=lora))

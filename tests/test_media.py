@@ -1,6 +1,6 @@
 """Decoding: the pixels an image is meant to show, the pixel limit, and videos decoded frame by frame.
 
-``mpo.inputs`` is the one decoder of the trainer, ``mpo validate`` and ``mpo-data`` (its sample
+``mpo.data.media`` is the one decoder of the trainer, ``mpo validate`` and ``mpo-data`` (its sample
 stage and its server), so these tests hold for all of them.
 """
 
@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from mpo.errors import DataError
-from mpo.inputs import is_plain_rgb_file, load_image, load_video_frames, open_image
+from mpo.data.media import is_plain_rgb_file, load_image, load_video_frames, open_image
 
 REPO = Path(__file__).resolve().parents[1]
 RED = (255, 0, 0)
@@ -207,7 +207,7 @@ import json, sys
 from pathlib import Path
 import av
 import numpy as np
-from mpo.inputs import load_video_frames
+from mpo.data.media import load_video_frames
 
 {old_decoder}
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoProcessor
 
-from mpo.activations import MicroBatchShape, estimate_activations
+from mpo.tools.memory.activations import MicroBatchShape, estimate_activations
 from mpo.config import load_recipe, recipe_from_dict
-from mpo.memory import count_parameters, estimate, main
+from mpo.tools.memory.planner import count_parameters, estimate, main
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_8B = REPO / "recipes" / "internvl3_8b_lora.yaml"
@@ -25,8 +25,8 @@ TINY = REPO / "recipes" / "tiny_cpu.yaml"
 def test_counts_match_the_real_tiny_model(tiny_model_dir):
     from transformers import AutoModelForImageTextToText
 
-    from mpo.modeling import count_parameters as count_loaded
-    from mpo.modeling import load_policy
+    from mpo.model.loading import count_parameters as count_loaded
+    from mpo.model.loading import load_policy
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
     counts = count_parameters(load_recipe(TINY, [f"model.name_or_path={tiny_model_dir}"]))
@@ -105,10 +105,11 @@ def test_activation_estimate_is_what_autograd_keeps(tiny_model_dir, tiny_mmpr_di
     """One image pair through the policy in bf16 (autocast, as the recipes train): the bytes of
     every tensor saved for backward (parameters aside, each storage once) equal the estimate
     within 5 %, whatever is frozen or adapted and whatever the layout (CPU kernels)."""
-    from mpo.collate import build_collator
-    from mpo.data import PreferenceDataset, load_records
-    from mpo.forward import PreferenceForward
-    from mpo.modeling import load_policy
+    from mpo.data.layouts import build_collator
+    from mpo.data.dataset import PreferenceDataset
+    from mpo.data.records import load_records
+    from mpo.model.forward import PreferenceForward
+    from mpo.model.loading import load_policy
 
     recipe = _tiny_recipe(tiny_model_dir, tiny_mmpr_dir, **model)
     recipe.forward.layout = layout

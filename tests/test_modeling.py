@@ -7,11 +7,13 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from mpo.collate import collate_plain
+from mpo.data.layouts import collate_plain
 from mpo.config import DataConfig, LoraConfig, ModelConfig
-from mpo.data import PreferenceDataset, load_records
-from mpo.forward import PreferenceForward, base_model
-from mpo.modeling import load_policy
+from mpo.data.dataset import PreferenceDataset
+from mpo.data.records import load_records
+from mpo.model.forward import PreferenceForward
+from mpo.model.loading import base_model
+from mpo.model.loading import load_policy
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ def test_final_model_is_written_with_the_current_key_layout(tiny_model_dir, tiny
     from transformers import AutoModelForImageTextToText
 
     from mpo.config import recipe_from_dict
-    from mpo.train import MPOTrainer
+    from mpo.train.trainer import MPOTrainer
 
     with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as source:
         assert any(key.startswith("language_model.model.") for key in source.keys())

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from mpo.collate import collate_plain
+from mpo.data.layouts import collate_plain
 from mpo.config import recipe_from_dict
-from mpo.forward import PreferenceForward, text_only_vision
-from mpo.optim import build_optimizer, zero_missing_gradients
+from mpo.model.forward import PreferenceForward, text_only_vision
+from mpo.train.optim import build_optimizer, zero_missing_gradients
 from mpo.types import EncodedPair
 from test_train import make_recipe
 
@@ -54,7 +54,7 @@ def test_text_only_vision_per_launch(processes, zero, trained, expected):
 
 def test_a_text_only_step_decays_the_vision_weights_without_running_the_tower(tiny_model_dir, tiny_mmpr_dir, tmp_path):
     """One process, one text-only pair: the vision tower never runs, yet the step hands AdamW
-    zero gradients for it (mpo.optim's decision), so a 2-D vision weight becomes exactly
+    zero gradients for it (mpo.train.optim's decision), so a 2-D vision weight becomes exactly
     ``w * (1 - lr * weight_decay)`` (Adam's update is 0 / (0 + eps) on a first step) and a 1-D one
     (no decay) stays put, while the language model moves by decay plus Adam's first step, ``lr * g / (|g| + eps)``."""
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)

@@ -13,20 +13,14 @@ from accelerate.state import AcceleratorState, GradientState
 from torch.testing import assert_close
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from mpo.collate import build_collator, collate_plain
+from mpo.data.layouts import build_collator, collate_plain
 from mpo.config import DataConfig, ForwardConfig, recipe_from_dict
-from mpo.data import PreferenceDataset, load_records
-from mpo.forward import PreferenceForward, attention_kernel
-from mpo.packing import (
-    collate_packed,
-    collate_shared_prefix,
-    flex_block_mask,
-    may_attend,
-    pack_rows,
-    pair_blocks,
-    pair_sdpa_attention,
-)
-from mpo.reference import FrozenModelReference
+from mpo.data.dataset import PreferenceDataset
+from mpo.data.records import load_records
+from mpo.model.forward import PreferenceForward, attention_kernel
+from mpo.data.layouts import collate_packed, collate_shared_prefix, pack_rows
+from mpo.model.pair_attention import flex_block_mask, may_attend, pair_blocks, pair_sdpa_attention
+from mpo.model.reference import FrozenModelReference
 from mpo.types import EncodedPair
 
 # Records of examples/tiny_mmpr in meta.json order: shapes 0-9, multi 10-15, text 16-20, video 21-23.
@@ -261,7 +255,7 @@ def test_vision_runs_once_per_pair_and_the_reference_reuses_it(tiny_model_dir, p
 
 
 def _train(tiny_model_dir: Path, tiny_mmpr_dir: Path, out: Path, layout: str) -> list[dict]:
-    from mpo.train import MPOTrainer
+    from mpo.train.trainer import MPOTrainer
 
     recipe = {
         "model": {"name_or_path": str(tiny_model_dir), "dtype": "float32"},

@@ -37,7 +37,7 @@ from data_pipeline.prompts import build_cot_prompt, get_template
 from data_pipeline.records import SampleRecord, read_log
 from data_pipeline.server import ChatServer
 from loopback import free_port, serving
-from mpo.prompting import INTERNVL_SYSTEM_MESSAGE, encode_prompt
+from mpo.data.prompting import INTERNVL_SYSTEM_MESSAGE, encode_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS, TAUGHT_LOSS = 400, 0.1
@@ -193,7 +193,8 @@ def test_build_writes_mmpr_the_trainer_reads(workspace: Path, built: Path, capsy
     from transformers import AutoProcessor
 
     from mpo.config import DataConfig
-    from mpo.data import PreferenceDataset, load_records
+    from mpo.data.dataset import PreferenceDataset
+    from mpo.data.records import load_records
 
     config = DataConfig(meta_path=str(out / "meta.json"))
     records = load_records(config, seed=0)

@@ -15,7 +15,8 @@ from data_pipeline.backends import TransformersBackend
 from data_pipeline.build import Summary
 from data_pipeline.records import read_log
 from mpo.config import DataConfig
-from mpo.data import PreferenceDataset, load_records
+from mpo.data.dataset import PreferenceDataset
+from mpo.data.records import load_records
 from mpo.errors import DataError
 from tests.test_media import header_only_png
 

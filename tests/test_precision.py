@@ -1,4 +1,4 @@
-"""fp32 master weights for bf16 models trained without DeepSpeed (mpo.precision)."""
+"""fp32 master weights for bf16 models trained without DeepSpeed (mpo.train.precision)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from accelerate.state import AcceleratorState, GradientState
 
 from mpo.config import load_recipe
 from mpo.errors import DataError
-from mpo.precision import MasterWeightAdamW, check_precision
-from mpo.train import MPOTrainer
+from mpo.train.precision import MasterWeightAdamW, check_precision
+from mpo.train.trainer import MPOTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 LN2 = math.log(2.0)

@@ -13,11 +13,13 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from mpo.config import load_recipe
-from mpo.data import PreferenceDataset, load_records
+from mpo.data.dataset import PreferenceDataset
+from mpo.data.records import load_records
 from mpo.errors import DataError
-from mpo.modeling import load_processor
-from mpo.precompute import PrecomputedReference, compute
-from mpo.train import MPOTrainer
+from mpo.model.loading import load_processor
+from mpo.model.precomputed import PrecomputedReference
+from mpo.train.precompute import compute
+from mpo.train.trainer import MPOTrainer
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu.yaml"
 
@@ -153,7 +155,7 @@ def test_image_fingerprint_modes_trade_cost_for_certainty(tiny_model_dir, tiny_m
     """An image rewritten with other bytes of the same length, its modification time put back:
     ``stat`` (size + mtime) cannot see it, ``content`` (a hash of the bytes) does; an image
     replaced the ordinary way changes both."""
-    from mpo.precompute import Fingerprint
+    from mpo.model.precomputed import Fingerprint
 
     data = tmp_path / "data"
     shutil.copytree(tiny_mmpr_dir, data)
@@ -171,7 +173,7 @@ def test_image_fingerprint_modes_trade_cost_for_certainty(tiny_model_dir, tiny_m
 
 
 def test_cli_refuses_a_stale_file_in_one_line_before_loading_models(precomputed, tiny_model_dir, tmp_path, capsys):
-    from mpo.cli import main
+    from mpo.cli.main import main
 
     data, path = precomputed
     args = _overrides(tiny_model_dir, data, tmp_path / "run", f"reference.precomputed_path={path}", "data.max_length=1000")
@@ -192,7 +194,7 @@ def test_cli_refuses_a_stale_file_in_one_line_before_loading_models(precomputed,
 def test_a_pair_scored_differently_now_is_refused(precomputed, tiny_model_dir):
     """The stored token counts guard the lookup: a batch whose responses tokenize to other
     lengths (here: one token cut) cannot silently take the stored values."""
-    from mpo.collate import collate_plain
+    from mpo.data.layouts import collate_plain
 
     data, path = precomputed
     reference = _open(tiny_model_dir, data, path)

@@ -25,8 +25,9 @@ from data_pipeline.openai_client import OpenAIBackend
 from data_pipeline.records import SampleRecord
 from data_pipeline.server import ChatServer
 from mpo.config import DataConfig
-from mpo.data import PreferenceDataset, load_records
-from mpo.prompting import INTERNVL_SYSTEM_MESSAGE, resolve_system_prompt, user_parts
+from mpo.data.dataset import PreferenceDataset
+from mpo.data.records import load_records
+from mpo.data.prompting import INTERNVL_SYSTEM_MESSAGE, resolve_system_prompt, user_parts
 from loopback import serving
 from prompt_cases import HEAD, KINDS, PREFIX, SYSTEM, TAIL, expected_ids, image_run, trainer_ids, write_images
 

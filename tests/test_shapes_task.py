@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mpo.demo.shapes import FAMILIES, generate_shapes_task, main
+from mpo.demo._shapes_questions import FAMILIES
+from mpo.demo.shapes import generate_shapes_task, main
 
 NUM_TRAIN, NUM_TEST, QUESTIONS, SEED = 16, 8, 6, 0
 FILES = ("train.jsonl", "test.jsonl", "train_describe.jsonl", "test_describe.jsonl")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mpo.config import load_recipe
-from mpo.metrics import flat_config
+from mpo.train.metrics import flat_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "tiny_cpu.yaml"

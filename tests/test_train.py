@@ -18,7 +18,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from mpo.config import recipe_from_dict
-from mpo.train import MPOTrainer
+from mpo.train.trainer import MPOTrainer
 
 LN2 = math.log(2.0)
 REQUIRED_KEYS = {
@@ -69,7 +69,7 @@ def test_first_step_is_the_hand_derived_value_and_metrics_are_complete(tiny_mode
 
 def test_micro_batch_split_does_not_change_the_losses(tiny_model_dir, tiny_mmpr_dir, tmp_path):
     """Batch 4 x accumulation 1 and batch 2 x accumulation 2 see the same pairs per step
-    (mpo.sampling) and average the same per-pair terms, so they log the same losses and delta.
+    (mpo.data.batch_order) and average the same per-pair terms, so they log the same losses and delta.
     The second run also encodes its pairs in 2 background DataLoader workers."""
     a = run(make_recipe(tiny_model_dir, tiny_mmpr_dir, tmp_path / "a", micro_batch_size=4, gradient_accumulation_steps=1))
     b = run(make_recipe(tiny_model_dir, tiny_mmpr_dir, tmp_path / "b", micro_batch_size=2, gradient_accumulation_steps=2),

@@ -35,7 +35,7 @@ from data_pipeline.backends import GenerationRequest, SamplingParams
 from data_pipeline.dropout_ntp import continuation_request
 from data_pipeline.openai_client import OpenAIBackend
 from data_pipeline.records import SampleRecord, read_log
-from mpo.prompting import encode_prompt
+from mpo.data.prompting import encode_prompt
 from loopback import free_port
 from prompt_cases import HEAD, KINDS, PREFIX, SYSTEM, TAIL, expected_ids, trainer_ids, write_images
 
@@ -92,7 +92,7 @@ def server_process(command: list[str], health_url: str, log_path: Path) -> Itera
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not (VENV / "bin" / "python").exists():
         unavailable(f"no vLLM environment at {VENV}")
-    from mpo.tiny_model import build_tiny_model
+    from mpo.model.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("vllm") / "model", size="small", seed=0)
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from data_pipeline.pairs import CORRECTNESS_SUFFIX
-from mpo.checkpoint import write_json_atomic, write_text_atomic
+from mpo.jsonl import write_json_atomic, write_text_atomic
 from mpo.demo.chains import check_chain
 from mpo.demo.stages import read_jsonl
 

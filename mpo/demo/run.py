@@ -11,7 +11,7 @@ Launch::
 Per seed, under ``OUT/seed<N>/``:
 
 1. ``task/``        the shapes task (mpo.demo.shapes): train/test images that never repeat.
-2. ``model/``       a random small InternVL (mpo.tiny_model), tokenizer trained on the task text.
+2. ``model/``       a random small InternVL (mpo.model.tiny), tokenizer trained on the task text.
 3. ``sft/``         stage 1: the trainer with loss weights 0/0/1 on the reference chains of
                     thought (``sft/final`` is the SFT model).
 4. ``pairs/``       stage 2: the data pipeline samples K responses per train question from the
@@ -118,7 +118,7 @@ def run_seed(settings: DemoSettings, seed: int, out: Path, resume: bool = False)
     pipeline resumes its sampling from its own logs; the evaluations (minutes) run again.
     """
     from mpo.demo.chains import chain_shares
-    from mpo.demo.evaluate import IMAGE_SWAP_METHODS, by_kind, changed_share, evaluate, evaluate_tallies, majority_baseline, swap_images
+    from mpo.demo.accuracy import IMAGE_SWAP_METHODS, by_kind, changed_share, evaluate, evaluate_tallies, majority_baseline, swap_images
     from mpo.demo.pair_filter import keep_right_chains
     from mpo.demo.stages import (DATASET, METHODS, LossWeights, build_model, build_pairs, generate_task, task_records, train,
                                   write_sft_data)

@@ -32,7 +32,7 @@ class DemoSettings:
     grid: int = 4
     """Shapes centred in cells of a 4 x 4 grid, one cell per image token (0: anywhere)."""
 
-    # -- the model (mpo.tiny_model)
+    # -- the model (mpo.model.tiny)
     model_size: str = "small"
     """A size of ``mpo.tiny_model.SIZES``; the tokenizer is trained on the task's text."""
 

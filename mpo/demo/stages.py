@@ -1,7 +1,7 @@
 """The stages of the demo, each a function of its inputs on disk: model, SFT, pairs, training.
 
 Every stage goes through the project's public pieces, exactly as a user would chain them:
-``mpo.tiny_model`` builds the model, ``mpo.train.MPOTrainer`` trains it (SFT is the trainer with
+``mpo.model.tiny`` builds the model, ``mpo.train.MPOTrainer`` trains it (SFT is the trainer with
 the DPO and BCO weights at 0), and ``data_pipeline`` samples, judges and pairs its responses.
 """
 
@@ -111,7 +111,7 @@ def build_model(task_dir: Path, out_dir: Path, settings: DemoSettings, seed: int
     Trained on the task's text, the vocabulary holds each word as one token (a few hundred
     tokens in all), so responses are short sequences and the output layer is small.
     """
-    from mpo.tiny_model import build_tiny_model
+    from mpo.model.tiny import build_tiny_model
 
     checkable, describe = task_records(task_dir, "train")
     corpus = [cot_prompt(r["question"], settings.prompt) + "\n" + r["cot"] for r in checkable + describe]
@@ -153,7 +153,7 @@ def train(
         warmup: the share of ``steps`` over which the rate rises linearly from 0.
     """
     from mpo.config import recipe_from_dict
-    from mpo.train import MPOTrainer
+    from mpo.train.trainer import MPOTrainer
 
     recipe = recipe_from_dict({
         "model": {"name_or_path": str(model_dir), "dtype": "float32"},
@@ -194,7 +194,7 @@ def build_pairs(model_dir: Path, task_dir: Path, out_dir: Path, settings: DemoSe
     from data_pipeline.dropout_ntp import NTPSettings
     from data_pipeline.records import read_questions
     from data_pipeline.sample import SampleSettings
-    from mpo.prompting import resolve_system_prompt
+    from mpo.data.prompting import resolve_system_prompt
 
     checkable, describe = task_records(task_dir, "train")
     if settings.sample_questions:

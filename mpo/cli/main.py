@@ -1,0 +1,92 @@
+"""``mpo``: one console command, a subcommand per job; ``mpo COMMAND --help`` describes each.
+
+Exit codes, the same for mpo and mpo-data (:mod:`mpo.errors`):
+
+    0    done
+    1    the job failed while running: a crash (its traceback is printed), a launched process
+         that died, a model or server that failed, a run that produced nothing
+    2    usage or bad input: an unknown command, flag or recipe key, a bad value, a bad data
+         line; the last line says what to change
+    130  interrupted (Ctrl-C)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from mpo import __version__
+from mpo.errors import ERROR_DIR_ENV, EXIT_BAD_INPUT, EXIT_INTERRUPTED, DataError
+from mpo.jsonl import write_text_atomic
+
+# subcommand -> (module whose main(argv) runs it, one line for `mpo --help`); modules are
+# imported on use so that `mpo --help` stays fast.
+COMMANDS = {
+    "train": ("mpo.cli.train", "train with MPO: mpo train RECIPE.yaml [key.sub=value ...] [--launch CONFIG]"),
+    "precompute-ref": ("mpo.cli.precompute_ref", "compute the reference log-probs once and store them next to the data"),
+    "memory": ("mpo.tools.memory.planner", "per-GPU memory of a recipe under DDP and ZeRO-1/2/3 (+offload)"),
+    "bench": ("mpo.tools.bench.race", "training speed and memory of the layouts, optionally against TRL (--against trl)"),
+    "gpu-check": ("mpo.tools.gpu_check", "on a GPU: FlexAttention vs SDPA, bf16 vs fp32 loss terms, mpo bench with MFU"),
+    "tiny-model": ("mpo.cli.tiny_model", "write a random tiny InternVL checkpoint (tests, laptops)"),
+    "shapes-task": ("mpo.demo.shapes", "write the synthetic shapes reasoning task of the demo"),
+    "demo": ("mpo.demo.run", "the end-to-end CPU demo: SFT -> preference data -> MPO -> evaluation"),
+    "validate": ("mpo.cli.validate", "check every record, image and video a recipe will use, before training"),
+}
+SELF_REPORTING = {"train"}
+"""Commands that turn their own errors into one line (``mpo train`` also under a launcher)."""
+
+
+def report_error(line: str) -> None:
+    """Prints a one-line error, or, under ``mpo train --launch``, hands it to the launcher."""
+    directory = os.environ.get(ERROR_DIR_ENV)
+    if directory:
+        write_text_atomic(Path(directory) / f"rank{os.environ.get('RANK', '0')}.txt", line)
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
+def exit_on_data_error(job: Callable[[], int]) -> int:
+    """Runs ``job``; bad input ends it with one ``error: file:line: field: message`` line, exit 2."""
+    try:
+        return job()
+    except DataError as error:
+        # An error raised in a DataLoader worker arrives wrapped; its last line is ours.
+        message = str(error).strip().splitlines()[-1].removeprefix("mpo.errors.DataError: ")
+        report_error(f"error: {message}")
+        return EXIT_BAD_INPUT
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mpo",
+        description="Mixed Preference Optimization for InternVL: training, its tools and the CPU demo.",
+        epilog=__doc__.split("\n\n", 1)[1] + "\nPreference data is built by `mpo-data` (mpo-data --help).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"mpo {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, summary) in COMMANDS.items():
+        # Each command parses its own arguments (its --help included), so none are declared here.
+        commands.add_parser(name, help=summary, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args, rest = build_parser().parse_known_args(argv)
+    try:
+        module = importlib.import_module(COMMANDS[args.command][0])
+        if args.command in SELF_REPORTING:
+            return module.main(rest)
+        return exit_on_data_error(lambda: module.main(rest))
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

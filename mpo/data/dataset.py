@@ -1,0 +1,55 @@
+"""Records turned into token ids and pixels: the map-style dataset the trainer's loaders read."""
+
+from __future__ import annotations
+
+from mpo.config import DataConfig
+from mpo.data.media import load_image, load_video_frames
+from mpo.data.prompting import encode_prompt
+from mpo.data.records import source_location
+from mpo.errors import DataError, OverlongPair
+from mpo.types import EncodedPair, PreferenceRecord
+
+
+class PreferenceDataset:
+    """Map-style dataset of encoded pairs.
+
+    ``__getitem__`` returns an :class:`EncodedPair`, or a :class:`DataError` for a pair that cannot
+    be used (corrupt image, prompt longer than ``max_length``, or an over-long pair with
+    ``overlong: drop``) so the caller decides whether that stops the run or is skipped and reported.
+    """
+
+    def __init__(self, records: list[PreferenceRecord], processor, config: DataConfig):
+        self.records = records
+        self.processor = processor
+        self.config = config
+        self.end_of_turn = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> EncodedPair | DataError:
+        record = self.records[index]
+        try:
+            return self.encode(record)
+        except DataError as error:
+            file, line = source_location(record.source)
+            return type(error)(error.reason, file=file, line=line, field=error.field)
+
+    def encode(self, record: PreferenceRecord) -> EncodedPair:
+        max_pixels = self.config.max_image_pixels
+        images = [load_image(p, max_pixels) for p in record.images]
+        video = load_video_frames(record.video, self.config.video_frames, max_pixels) if record.video else None
+        prompt = encode_prompt(self.processor, record.question, images, record.max_dynamic_patch, record.system_prompt, video=video)
+        prompt_ids = prompt["input_ids"][0].tolist()
+        tokenizer = self.processor.tokenizer
+        chosen_ids = tokenizer(record.chosen, add_special_tokens=False)["input_ids"] + [self.end_of_turn]
+        rejected_ids = tokenizer(record.rejected, add_special_tokens=False)["input_ids"] + [self.end_of_turn]
+        budget = self.config.max_length - len(prompt_ids)
+        if budget < 1:
+            raise OverlongPair(f"prompt alone is {len(prompt_ids)} tokens > max_length {self.config.max_length}", field="question")
+        truncated = max(len(chosen_ids), len(rejected_ids)) > budget
+        if truncated and self.config.overlong == "drop":
+            longest = len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))
+            raise OverlongPair(f"pair is {longest} tokens > max_length {self.config.max_length}", field="chosen/rejected")
+        chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
+        return EncodedPair(prompt_ids, chosen_ids, rejected_ids, prompt.get("pixel_values"), record.source, truncated)

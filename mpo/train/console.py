@@ -1,0 +1,94 @@
+"""What a training run prints: libraries' noise silenced, and one start-up summary block.
+
+Silenced, through each library's own switch, because the user cannot act on it: transformers'
+per-load and per-save progress bars, accelerate's notice at every save that safetensors dropped
+the tied LM head (reloading ties it again), and DeepSpeed's "Setting accelerator to CPU" in runs
+that do not use DeepSpeed (accelerate imports it to recognise its engine when unwrapping a model).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+import torch
+from accelerate.utils import DistributedType
+
+# The reference implementations (mpo.model.reference, mpo.model.precomputed) in words.
+REFERENCE_KINDS = {
+    "FrozenModelReference": "a frozen copy of the starting model",
+    "DisabledAdapterReference": "the model with its LoRA adapters disabled (no second copy)",
+    "PrecomputedReference": "precomputed log-probs",
+}
+
+
+class _TiedWeightNotice(logging.Filter):
+    """Drops accelerate's "Removed shared tensor {...} while saving" (logged at every checkpoint of
+    a model with tied embeddings; the tie is restored on load)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()  # after accelerate's "[RANK 0] " prefix
+
+
+def quiet_libraries(uses_deepspeed: bool) -> None:
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightNotice())
+    if not uses_deepspeed and not torch.cuda.is_available():
+        # DeepSpeed's documented accelerator override; with it set, its detection logs nothing.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _distribution(accelerator) -> str:
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    if accelerator.distributed_type == DistributedType.NO:
+        return "one process"
+    return "DDP" if accelerator.distributed_type in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU) else str(
+        accelerator.distributed_type.value
+    )
+
+
+def _subsets(records) -> str:
+    """``N subsets (name count, ...)``, the largest five named; a subset is an annotation file."""
+    counts = Counter(Path(record.source.rpartition(":")[0]).stem for record in records)
+    named = ", ".join(f"{name} {count}" for name, count in counts.most_common(5))
+    more = f", and {len(counts) - 5} more" if len(counts) > 5 else ""
+    return f"{len(counts)} subset(s): {named}{more}"
+
+
+LAYOUTS = {"auto": "auto (shared_prefix, or packed where it removes padding)"}
+
+
+def startup_summary(trainer) -> str:
+    """The block printed before the first step (model, data, layout, reference, precision, world
+    size, global batch, steps, outputs)."""
+    recipe, accelerator, order = trainer.recipe, trainer.accelerator, trainer.order
+    reference = "none (SFT only)" if trainer.reference is None else REFERENCE_KINDS[type(trainer.reference).__name__]
+    if trainer.reference is not None and trainer.reuse_features:
+        reference += ", reusing the policy's image features"
+    epochs = trainer.total_steps / order.steps_per_epoch
+    dropped = f"; {order.dropped_per_epoch} pair(s) per epoch do not fill a global batch and are left out" if order.dropped_per_epoch else ""
+    save = f"checkpoints every {recipe.train.save_every} steps" if recipe.train.save_every else "a checkpoint at the end"
+    trackers = ", ".join(recipe.report_to) or "none"
+    rows = [
+        ("model", f"{recipe.model.name_or_path} ({trainer.total_params:,} parameters, {trainer.trainable:,} trainable"
+                  f"{', LoRA' if recipe.model.lora.enabled else ''})"),
+        ("data", f"{len(trainer.dataset)} pairs from {_subsets(trainer.dataset.records)}; {trainer.skip_log.count} skipped"),
+        ("layout", f"{LAYOUTS.get(recipe.forward.layout, recipe.forward.layout)}{', vision once per pair' if recipe.forward.dedupe_vision else ''}"),
+        ("reference", reference),
+        ("precision", f"weights {recipe.model.dtype}, mixed precision {recipe.train.mixed_precision}"),
+        ("processes", f"{accelerator.num_processes} ({_distribution(accelerator)})"),
+        ("global batch", f"{order.global_batch_size} pairs = micro-batch {order.micro_batch_size} x accumulation "
+                         f"{order.accumulation_steps} x {order.world_size} process(es)"),
+        ("steps", f"{trainer.total_steps} ({epochs:.2f} epochs; from step {trainer.step}){dropped}"),
+        ("outputs", f"{recipe.output_dir}: {save}, final/, metrics.jsonl; trackers: {trackers}"),
+    ]
+    if trainer.eval_dataset is not None:
+        every = f"every {recipe.train.eval_every} steps and " if recipe.train.eval_every else ""
+        rows.insert(2, ("evaluation", f"{len(trainer.eval_dataset)} held-out pairs, {every}after the last step"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(["MPO run"] + [f"  {name:<{width}}  {value}" for name, value in rows])
