@@ -12,6 +12,7 @@ that text.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -355,7 +356,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 
 def recipe_from_dict(data: dict, overrides: list[str] | None = None, source: str = "recipe") -> Recipe:
-    data = dict(data or {})
+    data = copy.deepcopy(data or {})  # overrides must not change the caller's dict
     for item in overrides or []:
         if "=" not in item:
             raise DataError(f"override {item!r} must look like key.sub=value")
