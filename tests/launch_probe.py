@@ -1,6 +1,6 @@
 """Trains like ``python -m mpo.train`` and then records what this process saw, for the tests.
 
-Launched by ``tests/test_distributed.py`` under ``accelerate launch``; each process writes
+Launched by ``tests/train/test_distributed.py`` under ``accelerate launch``; each process writes
 ``<output_dir>/rank<N>.json`` with its reward shift and how many reference and policy weights it
 holds itself (a ZeRO-3 process holds about 1/N of them).
 

@@ -22,7 +22,7 @@ With prefix sharing and packing a pair's prompt (images included) is encoded onc
 rejected tokens may not attend to the chosen ones, and their position ids restart at the prompt
 length, so every rejected token sees exactly what it would see in its own row ``[prompt |
 rejected]``; the first rejected token is predicted from the prompt's last position. Log-probs equal
-those of two separate forwards (``tests/test_packing.py`` checks 1e-5 per token in float32), while
+those of two separate forwards (``tests/model/test_pair_attention.py`` checks 1e-5 per token in float32), while
 the prompt, often thousands of image tokens, is encoded once instead of twice.
 
 The ``packed`` layout puts several such pairs in one row, up to ``pack_length`` tokens (first-fit
@@ -66,7 +66,7 @@ fit beside it and opens row 1, pair 2 fits in row 0::
     target_ids    = [8, 9, 9, 6, 3, 3, 4, 7]
     segment_ids   = [0, 1, 1, 2, 3, 3, 4, 5]
 
-``tests/test_collate.py`` and ``tests/test_packing.py`` check exactly these tensors. The batch
+``tests/data/test_layouts.py`` and ``tests/model/test_pair_attention.py`` check exactly these tensors. The batch
 carries the per-token ``pair_ids`` / ``part_ids`` rather than a ``[R, 1, T, T]`` mask; the forward
 realises the rule (:func:`mpo.model.pair_attention.may_attend`) without materialising a dense mask.
 """

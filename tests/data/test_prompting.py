@@ -5,7 +5,7 @@ assistant prefix) is rendered by hand into the text the checkpoint's chat templa
 and every path must tokenize to exactly that: the trainer (:class:`mpo.data.PreferenceDataset`), the
 transformers backend (what ``mpo-data sample`` / ``dropout-ntp`` feed the model), ``mpo-data serve``
 behind the openai backend's own request body, and that request body rendered by the checkpoint's
-template the way an OpenAI-compatible server renders it (``tests/test_vllm.py`` checks the same
+template the way an OpenAI-compatible server renders it (``tests/pipeline/test_vllm.py`` checks the same
 bodies against a real vLLM server).
 """
 

@@ -1,6 +1,6 @@
 """Checkpoints a user can open: plain transformers (full fine-tuning) or peft (LoRA) loads every
 ``checkpoints/step-N/``, the processor loads from it too, the resolved recipe is beside it, and
-the same files resume the run (ZeRO-3 and LoRA under ZeRO: ``tests/test_distributed.py``)."""
+the same files resume the run (ZeRO-3 and LoRA under ZeRO: ``tests/train/test_distributed.py``)."""
 
 from __future__ import annotations
 

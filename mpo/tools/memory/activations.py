@@ -3,7 +3,7 @@
 What autograd keeps for the backward of one micro-batch, counted tensor by tensor from the
 transformers implementation of InternVL (InternViT layers, pixel-shuffle projector, Qwen2 decoder
 layers), mpo's forward (LM head on the scored positions, fp32 logits) and peft's LoRA layers.
-``tests/test_memory.py`` checks the count against the tensors autograd really saves on the tiny
+``tests/tools/test_memory.py`` checks the count against the tensors autograd really saves on the tiny
 model; the README compares the estimate with peaks measured at InternVL3-1B size.
 
 Bytes per token and layer, ``a`` being the activation size (2 in bf16 or under autocast, else 4),
