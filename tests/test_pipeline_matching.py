@@ -2,14 +2,18 @@
 
 Each row is a case a plausible broken implementation gets wrong: the official ANLS bug, letter
 answers that are words, units, tolerances at the boundary, LaTeX, VQA normalisation quirks.
+``matching_cases.CASES`` holds right and wrong answers in every mode, judged through extraction
+as the pipeline does; the tables here pin the pieces (quantities, units, options, brackets).
 """
 
 from __future__ import annotations
 
 import pytest
+from matching_cases import CASES, MODES, Case
 
 from data_pipeline.answer_text import clean_answer
 from data_pipeline.extract import (
+    extract_answer,
     extract_boxed,
     extract_final_answer,
     fix_answer,
@@ -333,3 +337,24 @@ def test_collection_brackets() -> None:
     assert collection_brackets("x = 1 \\text{ or } x = 2") == ("{}",)  # "or" lists as a comma does
     assert collection_brackets("(-\\infty, 2) \\cup (3, \\infty)") == ("()", "()")
     assert collection_brackets("2(x+1)") == collection_brackets("\\frac{1}{2}") == ()
+
+
+def test_case_table_covers_every_mode_both_ways() -> None:
+    """At least 150 cases; every mode has right and wrong answers, and both prompt formats."""
+    assert len(CASES) >= 150
+    for mode in MODES:
+        cases = [case for case in CASES if case.mode == mode]
+        assert {case.right for case in cases} == {True, False}, mode
+        assert {case.fmt for case in cases} == {"v1", "v2"}, mode
+
+
+def _modes(spec: str) -> tuple[str, ...]:
+    return modes_for_dataset(spec.removeprefix("auto:")) if spec.startswith("auto:") else parse_modes(spec)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.mode}-{c.fmt}-{c.answer}-vs-{c.truth}" for c in CASES])
+def test_case_table(case: Case) -> None:
+    """Extract the answer from the whole response, then judge it with the case's modes."""
+    extraction = extract_answer(case.response(), "final_answer" if case.fmt == "v1" else "boxed")
+    assert extraction.ok, extraction.error
+    assert judge(extraction.answer, case.truth, _modes(case.modes)).correct is case.right
