@@ -12,12 +12,16 @@ the ``_pairs_vqa_format_rules`` subset) instead of being judged right or wrong.
   (The official code further asks for two line breaks in the response; a one-line rationale is
   accepted here.)
 * ``boxed`` (prompt v2, and the Chinese ``答案：\\boxed{}`` variant): the content of the last
-  ``\\boxed{...}``, braces balanced, non-empty.
+  ``\\boxed{...}``, braces balanced, non-empty, without a ``\\text{}``-like wrapper around all of
+  it: v2 answers often box a letter or a word as ``\\boxed{\\text{B}}`` or ``\\boxed{\\textbf{B}}``,
+  and the answer is ``B`` (the answer fix then rewrites the ``B`` inside the wrapper).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from data_pipeline.answer_text import TEXT_WRAPPERS, unwrap_span
 
 MAX_TRIGGERS = 2  # more than two "Final answer:" means the model looped; the official rule
 ANSWER_TRIGGERS = ("Final answer:", "Final Answer:", "答案:", "答案：")
@@ -88,7 +92,7 @@ def extract_boxed(response: str) -> Extraction:
         index += 1
     if depth != 0:
         return Extraction(None, "unbalanced braces in \\boxed{")
-    start, end = _strip_span(response, position + len(opener), index, " \t\r\n")
+    start, end = unwrap_span(response, position + len(opener), index, TEXT_WRAPPERS)
     if start == end:
         return Extraction(None, "empty \\boxed{}")
     return Extraction(response[start:end], None, start, end)
