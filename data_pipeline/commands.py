@@ -215,7 +215,7 @@ def cmd_rl_prompts(args: argparse.Namespace) -> int:
     band = Band.of(args.min_pass_rate, args.max_pass_rate)
     span = f"[{args.min_pass_rate:g}, {args.max_pass_rate:g}]"
     selection = select(args.pass_rates, args.image_root, band, args.system_prompt, not args.no_progress)
-    _log(f"rl-prompts: {render_histogram(histogram(selection.lines))}")
+    _log(f"rl-prompts: {render_histogram(histogram(selection.rates))}")
     for name, counts in sorted(selection.per_dataset.items()):
         _log(f"rl-prompts: {name}: {counts['selected']} of {counts['questions']} questions selected ({counts['below']} below, "
              f"{counts['above']} above {span}, {counts['no_ground_truth']} without a ground truth)")

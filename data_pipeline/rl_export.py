@@ -84,12 +84,13 @@ class RLPrompt:
 def _check_line(value: dict, where: dict) -> None:
     """Types of the fields the export reads; a DataError names the first bad one."""
 
-    def fail(field: str, message: str) -> DataError:
-        return DataError(message, field=field, **where)
-
     def need(field: str, ok: bool, message: str) -> None:
         if not ok:
-            raise fail(field, message)
+            raise DataError(message, field=field, **where)
+
+    def optional(field: str, kind: type | tuple[type, ...], name: str) -> None:
+        item = value.get(field)
+        need(field, item is None or (isinstance(item, kind) and not isinstance(item, bool)), f"must be {name} or null")
 
     for field in ("id", "dataset", "prompt"):
         need(field, isinstance(value.get(field), str) and value[field] != "", "missing or not a non-empty string")
@@ -103,6 +104,9 @@ def _check_line(value: dict, where: dict) -> None:
          "must be a string, a non-empty list of strings, or null")
     modes = value.get("match_modes")
     need("match_modes", isinstance(modes, list) and all(m in ALL_MODES for m in modes), f"must be a list of: {', '.join(ALL_MODES)}")
+    optional("match_threshold", (int, float), "a number")
+    optional("prompt_version", str, "a string")
+    optional("max_tiles", int, "an integer")
     samples = value.get("samples")
     need("samples", isinstance(samples, int) and not isinstance(samples, bool) and samples >= 1, "must be an integer >= 1")
     correct = value.get("correct")
@@ -152,7 +156,7 @@ class Selection:
     """What :func:`select` kept, and the counts behind it."""
 
     prompts: list[RLPrompt]
-    lines: list[dict]  # every line read (for the histogram)
+    rates: list[dict]  # every line's correct, samples and pass_rate (for the histogram)
     per_dataset: dict[str, dict]  # {dataset: {"questions", "no_ground_truth", "below", "above", "selected"}}
 
 
@@ -177,7 +181,7 @@ def select(paths: Sequence[str | os.PathLike], image_root: str | os.PathLike, ba
     root = Path(image_root)
     if not root.is_dir():
         raise DataError(f"image root {root} is not a directory", field="--image-root")
-    prompts, lines, seen = [], [], {}
+    prompts, rates, seen = [], [], {}
     per_dataset: dict[str, dict] = {}
     for path in paths:
         if not Path(path).is_file():
@@ -190,7 +194,7 @@ def select(paths: Sequence[str | os.PathLike], image_root: str | os.PathLike, ba
             if key in seen:
                 raise DataError(f"question {key[1]!r} of dataset {key[0]!r} also on {seen[key]}", field="id", **where)
             seen[key] = f"{path}:{number}"
-            lines.append(value)
+            rates.append({key: value[key] for key in ("correct", "samples", "pass_rate")})
             counts = per_dataset.setdefault(value["dataset"], dict.fromkeys(("questions", "no_ground_truth", "below", "above", "selected"), 0))
             counts["questions"] += 1
             if value["answer"] is None:
@@ -203,7 +207,7 @@ def select(paths: Sequence[str | os.PathLike], image_root: str | os.PathLike, ba
             counts["selected"] += 1
             chosen = value["system_prompt"] if system_prompt_setting is None else resolve_system_prompt(system_prompt_setting)
             prompts.append(_prompt(value, root, chosen, where))
-    return Selection(prompts, lines, per_dataset)
+    return Selection(prompts, rates, per_dataset)
 
 
 def verl_rows(prompts: Sequence[RLPrompt], image_root: str | os.PathLike) -> list[dict]:
@@ -314,7 +318,7 @@ def export(selection: Selection, out_dir: str | os.PathLike, image_root: str | o
         "selected": len(selection.prompts), "sources": [os.path.abspath(s) for s in sources],
         "image_root": os.path.abspath(image_root),
         "system_prompt": "as sampled" if system_prompt_setting is None else system_prompt_setting,
-        "per_dataset": dict(sorted(selection.per_dataset.items())), "histogram": histogram(selection.lines),
+        "per_dataset": dict(sorted(selection.per_dataset.items())), "histogram": histogram(selection.rates),
         "files": files,
     }
     write_json_atomic(out / "selection.json", report)

@@ -154,6 +154,7 @@ def _rewrite(workspace: Path, tmp_path: Path, line: int, change: dict | str) -> 
     (5, {"correct": 9}, "5: correct: must be an integer from 0 to samples (5)"),
     (5, {"prompt": "<image>\nOne placeholder, two images"}, "5: prompt: has 1 <image> placeholder(s) but 2 image(s)"),
     (7, {"answer_format": "latex"}, "7: answer_format: must be one of final_answer, boxed"),
+    (1, {"max_tiles": "six"}, "1: max_tiles: must be an integer or null"),
     (8, {"id": "q1", "dataset": "toy"}, "8: id: question 'q1' of dataset 'toy' also on {file}:1"),
     (4, "{not json", "4: <line>: malformed JSON (Expecting property name enclosed in double quotes at column 2)"),
 ])

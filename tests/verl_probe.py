@@ -33,6 +33,14 @@ from verl.utils.dataset.rl_dataset import RLHFDataset, collate_fn
 from verl.utils.tokenizer.continuous_token_wiring import create_continuous_token_builder
 
 REWARDS_FILE = Path(__file__).resolve().parents[1] / "data_pipeline" / "rewards.py"
+# The README's GSPO settings (InternVL3.5's online stage: sequence-level ratios, no KL), composed
+# here so that a key verl 0.9.1 does not have fails the test.
+GSPO = [
+    "algorithm.adv_estimator=grpo", "actor_rollout_ref.actor.policy_loss.loss_mode=gspo",
+    "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean", "actor_rollout_ref.actor.clip_ratio_low=0.0003",
+    "actor_rollout_ref.actor.clip_ratio_high=0.0004", "actor_rollout_ref.actor.use_kl_loss=False",
+    "algorithm.use_kl_in_reward=False", "actor_rollout_ref.rollout.n=16",
+]
 
 
 def trainer_config(parquet: str, model: str, reward_path: str):
@@ -43,7 +51,7 @@ def trainer_config(parquet: str, model: str, reward_path: str):
             "data.filter_overlong_prompts_workers=1", "data.max_prompt_length=4096",
             f"actor_rollout_ref.model.path={model}",
             f"reward.custom_reward_function.path={reward_path}", "reward.custom_reward_function.name=compute_score",
-            "actor_rollout_ref.actor.policy_loss.loss_mode=gspo",
+            *GSPO,
         ])
 
 
@@ -108,7 +116,12 @@ def main() -> None:
     by_file = score(config, dataset, completions)
     by_package = score(trainer_config(args.parquet, args.model, "pkg://data_pipeline.rewards"), dataset, completions)
     result = {"rows": rows, "rewards_file": by_file, "rewards_package": by_package,
-              "policy_loss": config.actor_rollout_ref.actor.policy_loss.loss_mode}
+              "gspo": {"adv_estimator": config.algorithm.adv_estimator,
+                       "loss_mode": config.actor_rollout_ref.actor.policy_loss.loss_mode,
+                       "loss_agg_mode": config.actor_rollout_ref.actor.loss_agg_mode,
+                       "clip_ratio": [config.actor_rollout_ref.actor.clip_ratio_low, config.actor_rollout_ref.actor.clip_ratio_high],
+                       "use_kl_loss": config.actor_rollout_ref.actor.use_kl_loss,
+                       "use_kl_in_reward": config.algorithm.use_kl_in_reward, "n": config.actor_rollout_ref.rollout.n}}
     Path(args.out).write_text(json.dumps(result, ensure_ascii=False, indent=1, default=str))
 
 
