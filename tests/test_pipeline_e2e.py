@@ -204,6 +204,14 @@ def test_build_writes_mmpr_the_trainer_reads(workspace: Path, built: Path, capsy
     assert summary["pass_rates"]["path"] == str(out / "work" / "shapes" / "pass_rates.jsonl")
     assert (summary["pass_rates"]["questions"], summary["pass_rates"]["no_ground_truth"]) == (4, 1)
     assert sum(summary["pass_rates"]["bins"].values()) == 4
+    # Every question with a ground truth lies in [0, 1]: rl-prompts hands all four on, in input order.
+    assert main(["rl-prompts", "--pass-rates", summary["pass_rates"]["path"], "--image-root", str(workspace / "images"),
+                 "--out-dir", str(out / "rl"), "--min-pass-rate", "0", "--max-pass-rate", "1", "--format", "trl",
+                 "--no-progress"]) == 0
+    import pyarrow.parquet as pq
+
+    exported = pq.read_table(out / "rl" / "trl.parquet").to_pylist()
+    assert [(row["id"], row["pass_rate"]) for row in exported] == [(r["id"], r["pass_rate"]) for r in rates if r["answer"] is not None]
 
     # The trainer's reader accepts every line and encodes it with the model's processor.
     from transformers import AutoProcessor
