@@ -5,6 +5,7 @@
     mpo-data match --samples samples*.jsonl --out matched.jsonl
     mpo-data dropout-ntp --samples samples.jsonl --out ntp.jsonl --model ckpt/
     mpo-data pair --matched matched.jsonl --ntp ntp.jsonl --image-root images/ --out-dir mmpr/
+    mpo-data rl-prompts --pass-rates mmpr/work/NAME/pass_rates.jsonl --image-root images/ --out-dir rl/
     mpo-data serve --model ckpt/ --port 8000
 
 Errors in the input (an image outside --image-root, missing, corrupt or larger than
@@ -48,6 +49,13 @@ def _shard(text: str) -> ShardSpec:
         return ShardSpec.parse(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("must be between 0 and 1 (inclusive)")
+    return value
 
 
 def _ratio(text: str) -> float:
@@ -158,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("match", formatter_class=Defaults, help="extract and judge each response")
     p.add_argument("--samples", nargs="+", required=True, help="sample logs (all shards)")
     p.add_argument("--out", required=True, help="matched records (JSONL)")
+    p.add_argument("--pass-rates", help="per-question pass rates (JSONL) (default: <out>.pass_rates.jsonl beside --out)")
     add_match_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -175,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the choice of pairs")
     p.add_argument("--ntp-ratio", type=_ratio, default=0.5, help="the ratio dropout-ntp used (names the subset)")
     p.add_argument("--resample-out", help="where all-wrong questions go (default: <matched>.resample.jsonl)")
+    p.add_argument("--pass-rates", help="per-question pass rates (JSONL) (default: <matched>.pass_rates.jsonl)")
     p.add_argument("--max-tiles", type=int, default=None,
                    help="the --max-tiles the samples were drawn with, for logs that do not record it (written to meta.json) (default: the budget each log line records)")
     add_pair_args(p)
@@ -188,6 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_match_args(p)
     add_pair_args(p)
     add_ntp_args(p)
+
+    p = sub.add_parser("rl-prompts", formatter_class=Defaults,
+                       help="select questions by pass rate (MMPR-Tiny: 0.2-0.8) and write them for verl and TRL GRPO")
+    p.add_argument("--pass-rates", nargs="+", required=True, help="pass-rate files of match, pair or build (OUT/work/NAME/pass_rates.jsonl)")
+    p.add_argument("--image-root", required=True, help="directory the image paths are relative to (the build's --image-root)")
+    p.add_argument("--out-dir", required=True, help="where verl.parquet, trl.parquet and selection.json go")
+    p.add_argument("--min-pass-rate", type=_rate, default=0.2, help="lowest pass rate kept (inclusive)")
+    p.add_argument("--max-pass-rate", type=_rate, default=0.8, help="highest pass rate kept (inclusive)")
+    p.add_argument("--format", nargs="+", choices=["verl", "trl"], default=["verl", "trl"], help="which engines' files to write")
+    p.add_argument("--system-prompt", help=SYSTEM_PROMPT_CHOICES + " (default: the one each question was sampled with)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("serve", formatter_class=Defaults,
                        help="OpenAI-compatible test server over a checkpoint (one generation at a time; use vLLM for throughput)")

@@ -8,6 +8,7 @@ Layout under ``OUT`` (``<name>`` defaults to the input file's stem)::
     OUT/work/<name>/ntp.shard-i-of-N.jsonl         Dropout-NTP logs (resumable)
     OUT/work/<name>/matched.jsonl                  judged responses
     OUT/work/<name>/resample.jsonl                 all-wrong questions, in the input format
+    OUT/work/<name>/pass_rates.jsonl               per question: samples, correct, pass rate (rl-prompts reads it)
     OUT/work/<name>/bad_inputs.jsonl               inputs skipped with --skip-bad
     OUT/work/<name>/summary.json                   the final summary
 
@@ -27,6 +28,7 @@ from data_pipeline.dropout_ntp import NTPSettings, continue_without_image, needs
 from data_pipeline.judging import MatchStats, match_records, merge_sample_logs
 from data_pipeline.mmpr import group_by_dataset, write_mmpr
 from data_pipeline.pairs import CORRECTNESS_SUFFIX, FORMAT_SUFFIX, PairStats, build_answer_pairs
+from data_pipeline.pass_rates import render_histogram, write_pass_rates
 from data_pipeline.records import DirectoryLock, Question, SampleRecord, read_log, split_skipped
 from data_pipeline.sample import SampleSettings, sample_questions
 from data_pipeline.sharding import ShardSpec
@@ -57,6 +59,7 @@ class Summary:
     ntp_skipped: int = 0
     ntp_identical: int = 0
     resample_path: str | None = None
+    pass_rates: dict = field(default_factory=dict)  # the pass-rate file's path and histogram
 
     def render(self) -> str:
         lines = [f"questions: {self.questions}   samples: {self.samples}   parse failures: {self.parse_failures}"
@@ -68,6 +71,8 @@ class Summary:
         for name, d in sorted(self.datasets.items()):
             accuracy = "-" if d["accuracy"] is None else f"{100 * d['accuracy']:.1f}%"
             lines.append(f"{name:<28}{d['questions']:>10}{d['samples']:>9}{d['parse_failures']:>11}{d['correct']:>9}{accuracy:>10}")
+        if self.pass_rates:
+            lines.append(render_histogram(self.pass_rates) + f" -> {self.pass_rates['path']}")
         lines.append("pairs per subset:")
         for name, s in sorted(self.subsets.items()):
             lines.append(f"  {name:<56}{s['pairs']:>7}" + (f"  ({s['duplicates']} duplicates dropped)" if s["duplicates"] else ""))
@@ -137,11 +142,12 @@ def sampled_system_prompt(records: list[SampleRecord], dataset: str) -> str | No
 
 
 def assemble(matched: list[SampleRecord], ntp_records: list[dict], match_stats: dict[str, MatchStats], out_dir: Path,
-             image_root: Path, resample_path: Path, pair_settings: PairSettings, ntp_ratio: float,
+             image_root: Path, resample_path: Path, pass_rates_path: Path, pair_settings: PairSettings, ntp_ratio: float,
              max_tiles: int | None) -> Summary:
-    """Pairs, annotations, meta.json, the re-sample file and the summary, from judged records.
+    """Pairs, annotations, meta.json, the re-sample and pass-rate files and the summary, from judged records.
 
     Args:
+        pass_rates_path: where the per-question pass rates go (:mod:`data_pipeline.pass_rates`).
         max_tiles: the sampling tile budget, for records that do not carry it (older logs).
     """
     budget = tile_budget(matched, max_tiles)
@@ -168,6 +174,7 @@ def assemble(matched: list[SampleRecord], ntp_records: list[dict], match_stats: 
             subsets[name] = group
     report = write_mmpr(out_dir, image_root, subsets, budget, system_prompts)
     write_jsonl_atomic(resample_path, answer_pairs.resample)
+    pass_rates = write_pass_rates(pass_rates_path, matched)
     summary = Summary(
         questions=sum(m.questions for m in match_stats.values()),
         samples=sum(m.samples for m in match_stats.values()),
@@ -179,6 +186,7 @@ def assemble(matched: list[SampleRecord], ntp_records: list[dict], match_stats: 
         ntp_skipped=sum(1 for r in ntp_records if "skipped" in r),
         ntp_identical=identical,
         resample_path=str(resample_path),
+        pass_rates=pass_rates,
     )
     return summary
 
@@ -250,7 +258,8 @@ def run_build(
         matched, match_stats = match_records(records, modes, threshold, progress)
         write_jsonl_atomic(paths.work_dir / "matched.jsonl", (r.to_json() for r in matched))
         summary = assemble(matched, ntp_records, match_stats, paths.out_dir, image_root, paths.work_dir / "resample.jsonl",
-                           pair_settings, ntp_settings.ratio, sample_settings.params.max_tiles)
+                           paths.work_dir / "pass_rates.jsonl", pair_settings, ntp_settings.ratio,
+                           sample_settings.params.max_tiles)
         summary.bad_inputs = [b["message"] for b in bad]
         write_json_atomic(paths.work_dir / "summary.json", asdict(summary))
     return summary

@@ -12,11 +12,12 @@ from data_pipeline.build import BuildPaths, PairSettings, Summary, assemble, run
 from data_pipeline.dropout_ntp import NTPSettings, continue_without_image
 from data_pipeline.judging import match_records, merge_sample_logs, tally
 from data_pipeline.match import parse_modes
+from data_pipeline.pass_rates import render_histogram, write_pass_rates
 from data_pipeline.prompts import get_template
 from data_pipeline.records import SampleRecord, iter_jsonl, read_log, read_questions, split_skipped
 from data_pipeline.sample import SampleSettings, sample_questions
 from mpo.errors import DataError
-from mpo.jsonl import write_json_atomic, write_jsonl_atomic
+from mpo.jsonl import write_jsonl_atomic
 from mpo.data.prompting import resolve_system_prompt
 
 
@@ -139,14 +140,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _beside(path: str, suffix: str) -> Path:
+    """``matched.jsonl`` -> ``matched<suffix>``: where pair's side files go by default."""
+    path = Path(path)
+    return path.with_name(path.stem + suffix)
+
+
 def cmd_match(args: argparse.Namespace) -> int:
     records, _ = split_skipped(merge_sample_logs(_read_logs(args.samples)))
     matched, stats = match_records(records, parse_modes(args.mode), args.threshold, not args.no_progress)
     write_jsonl_atomic(args.out, (r.to_json() for r in matched))
+    pass_rates = write_pass_rates(args.pass_rates or _beside(args.out, ".pass_rates.jsonl"), matched)
     for name, s in sorted(stats.items()):
         accuracy = "-" if s.accuracy is None else f"{100 * s.accuracy:.1f}%"
         _log(f"match: {name}: {s.questions} questions, {s.samples} samples, {s.parse_failures} unparsable, "
              f"{s.correct} correct, accuracy {accuracy}")
+    _log(f"match: {render_histogram(pass_rates)} -> {pass_rates['path']}")
     _log(f"match: wrote {len(matched)} records -> {args.out}")
     return 0
 
@@ -169,10 +178,9 @@ def cmd_pair(args: argparse.Namespace) -> int:
         raise DataError("no judged records to pair", file=args.matched)
     ntp_records = [r for _, records in _read_logs(args.ntp) for r in records]
     stats = tally(matched)
-    out_dir = Path(args.out_dir)
-    matched_path = Path(args.matched)
-    resample = Path(args.resample_out) if args.resample_out else matched_path.with_name(matched_path.stem + ".resample.jsonl")
-    summary = assemble(matched, ntp_records, stats, out_dir, Path(args.image_root), resample,
+    resample = Path(args.resample_out) if args.resample_out else _beside(args.matched, ".resample.jsonl")
+    pass_rates = Path(args.pass_rates) if args.pass_rates else _beside(args.matched, ".pass_rates.jsonl")
+    summary = assemble(matched, ntp_records, stats, Path(args.out_dir), Path(args.image_root), resample, pass_rates,
                        PairSettings(args.max_pairs, args.seed, args.answer_fix), args.ntp_ratio, args.max_tiles)
     print(summary.render())
     _require_pairs(summary, args.matched)
@@ -198,6 +206,25 @@ def cmd_build(args: argparse.Namespace) -> int:
     print(summary.render())
     _require_pairs(summary, args.input)
     print(f"wrote {paths.out_dir / 'meta.json'}")
+    return 0
+
+
+def cmd_rl_prompts(args: argparse.Namespace) -> int:
+    from data_pipeline.pass_rates import histogram, render_histogram
+    from data_pipeline.rl_export import Band, export, select
+
+    band = Band.of(args.min_pass_rate, args.max_pass_rate)
+    span = f"[{args.min_pass_rate:g}, {args.max_pass_rate:g}]"
+    selection = select(args.pass_rates, args.image_root, band, args.system_prompt, not args.no_progress)
+    _log(f"rl-prompts: {render_histogram(histogram(selection.rates))}")
+    for name, counts in sorted(selection.per_dataset.items()):
+        _log(f"rl-prompts: {name}: {counts['selected']} of {counts['questions']} questions selected ({counts['below']} below, "
+             f"{counts['above']} above {span}, {counts['no_ground_truth']} without a ground truth)")
+    if not selection.prompts:  # nothing written: an empty prompt set would only fail later, inside the engine
+        raise DataError(f"no question has a pass rate in {span}", file=args.pass_rates[0])
+    report = export(selection, args.out_dir, args.image_root, args.format, band, args.pass_rates, args.system_prompt)
+    for engine, path in report["files"].items():
+        print(f"wrote {len(selection.prompts)} prompts for {engine} -> {path}")
     return 0
 
 
@@ -228,6 +255,7 @@ COMMANDS = {
     "dropout-ntp": cmd_dropout_ntp,
     "pair": cmd_pair,
     "build": cmd_build,
+    "rl-prompts": cmd_rl_prompts,
     "serve": cmd_serve,
 }
 

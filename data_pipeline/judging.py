@@ -1,7 +1,7 @@
 """Stage 2, match: extract and judge every sampled response.
 
-Fills in each :class:`SampleRecord`'s ``modes`` (the match modes used) and ``judgements`` (a
-:class:`ResponseJudgement` per response). ``unchecked`` marks a parsed answer to a question
+Fills in each :class:`SampleRecord`'s ``modes`` (the match modes used), ``match_threshold`` and
+``judgements`` (a :class:`ResponseJudgement` per response). ``unchecked`` marks a parsed answer to a question
 without a ground truth (Dropout-NTP's questions).
 """
 
@@ -51,7 +51,7 @@ def merge_sample_logs(logs: Iterable[tuple[str, list[dict]]]) -> list[dict]:
 
 
 def judge_record(record: SampleRecord, modes: tuple[str, ...] | None, threshold: float = CORRECT_THRESHOLD) -> SampleRecord:
-    """The record with ``modes`` and ``judgements`` filled in (a copy)."""
+    """The record with ``modes``, ``match_threshold`` and ``judgements`` filled in (a copy)."""
     use = modes or modes_for_dataset(record.dataset)
     judgements = []
     for response in record.responses:
@@ -64,7 +64,7 @@ def judge_record(record: SampleRecord, modes: tuple[str, ...] | None, threshold:
             verdict = judge(extraction.answer, record.answer, use, threshold)
             status = "correct" if verdict.correct else "incorrect"
             judgements.append(ResponseJudgement(status, extraction.answer, extraction.start, extraction.end, verdict.score, verdict.mode))
-    return replace(record, modes=list(use), judgements=judgements)
+    return replace(record, modes=list(use), match_threshold=threshold, judgements=judgements)
 
 
 def tally(judged: Iterable[SampleRecord]) -> dict[str, MatchStats]:

@@ -75,7 +75,9 @@ class SampleRecord:
     finish_reasons: list[str]
     max_tiles: int | None = None  # the tile budget the responses were sampled with (absent in old logs)
     system_prompt: str | None = None  # the system message sampled with (None: none; logs from before it was recorded)
+    prompt_version: str | None = None  # the CoT template: v1, v2 or custom (None: logs from before it was recorded)
     modes: list[str] = field(default_factory=list)  # set by the match stage
+    match_threshold: float | None = None  # set by the match stage: correct when the best score is above it
     judgements: list[ResponseJudgement] = field(default_factory=list)  # one per response, match stage
 
     @classmethod
@@ -88,7 +90,7 @@ class SampleRecord:
     def to_json(self) -> dict:
         value = dataclasses.asdict(self)
         if not self.judgements:  # a sample-log line: not judged yet
-            del value["modes"], value["judgements"]
+            del value["modes"], value["match_threshold"], value["judgements"]
         return value
 
 

@@ -4,7 +4,8 @@ Each log line (one per question) is a :class:`~data_pipeline.records.SampleRecor
 
     {"id", "dataset", "line", "image": [rel paths], "question": original text,
      "prompt": the CoT user turn with <image> placeholders, "system_prompt": the system message
-     (null: none), "answer": str | [str] | null, "answer_format": "final_answer" | "boxed",
+     (null: none), "prompt_version": "v1" | "v2" | "custom", "answer": str | [str] | null,
+     "answer_format": "final_answer" | "boxed",
      "responses": [K texts], "finish_reasons": [K], "max_tiles": the tile budget, "config": settings hash}
 
 or, for a bad input skipped with ``--skip-bad``, ``{"id", "dataset", "line", "skipped": message}``.
@@ -133,6 +134,7 @@ def sample_questions(
             question=question.question,
             prompt=prompt,
             system_prompt=settings.system_prompt,
+            prompt_version=settings.template.name,
             answer=question.answer,
             answer_format=settings.template.answer_format,
             responses=list(generation.texts),

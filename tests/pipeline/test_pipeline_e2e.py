@@ -189,6 +189,30 @@ def test_build_writes_mmpr_the_trainer_reads(workspace: Path, built: Path, capsy
     assert ntp[0]["chosen"].startswith(ntp[0]["rejected_meta"]["prefix"])
     assert summary["subsets"]["shapes_pairs_vqa_correctness_rules"]["pairs"] == len(correctness)
 
+    # Pass rates: one line per judged question, counted from its judgements; none without a ground truth.
+    rates = _lines(out / "work" / "shapes" / "pass_rates.jsonl")
+    assert [r["id"] for r in rates] == ["q1", "q2", "q3", "q4", "q5"]
+    for rate in rates:
+        record = matched[rate["id"]]
+        status = [j["status"] for j in record["judgements"]]
+        assert (rate["samples"], rate["unparsable"], rate["prompt"], rate["image"]) == (6, status.count("unparsable"), record["prompt"], record["image"])
+        assert (rate["prompt_version"], rate["max_tiles"], rate["system_prompt"]) == ("custom", 2, INTERNVL_SYSTEM_MESSAGE)
+        if record["answer"] is None:
+            assert (rate["correct"], rate["pass_rate"]) == (None, None)
+        else:
+            assert (rate["correct"], rate["pass_rate"]) == (status.count("correct"), status.count("correct") / 6)
+    assert summary["pass_rates"]["path"] == str(out / "work" / "shapes" / "pass_rates.jsonl")
+    assert (summary["pass_rates"]["questions"], summary["pass_rates"]["no_ground_truth"]) == (4, 1)
+    assert sum(summary["pass_rates"]["bins"].values()) == 4
+    # Every question with a ground truth lies in [0, 1]: rl-prompts hands all four on, in input order.
+    assert main(["rl-prompts", "--pass-rates", summary["pass_rates"]["path"], "--image-root", str(workspace / "images"),
+                 "--out-dir", str(out / "rl"), "--min-pass-rate", "0", "--max-pass-rate", "1", "--format", "trl",
+                 "--no-progress"]) == 0
+    import pyarrow.parquet as pq
+
+    exported = pq.read_table(out / "rl" / "trl.parquet").to_pylist()
+    assert [(row["id"], row["pass_rate"]) for row in exported] == [(r["id"], r["pass_rate"]) for r in rates if r["answer"] is not None]
+
     # The trainer's reader accepts every line and encodes it with the model's processor.
     from transformers import AutoProcessor
 
@@ -230,10 +254,17 @@ def test_stage_commands_reproduce_build(workspace: Path, built: Path, tmp_path: 
     assert meta.keys() == json.loads((built / "meta.json").read_text()).keys()
     assert {entry["max_dynamic_patch"] for entry in meta.values()} == {2}  # read from the logs: pair has no --max-tiles
     assert _lines(tmp_path / "m.resample.jsonl") == _lines(built / "work" / "shapes" / "resample.jsonl")
+    assert (tmp_path / "m.pass_rates.jsonl").read_bytes() == (built / "work" / "shapes" / "pass_rates.jsonl").read_bytes()
 
 
-def test_sharded_build_equals_unsharded(workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """Two workers (--shard 0/2, 1/2): the last to finish writes exactly the single-worker output.
+def _outputs(out: Path) -> dict[str, bytes]:
+    """What a build leaves for training and RL: the annotations and the pass rates, byte for byte."""
+    return {**_annotations(out), "pass_rates.jsonl": (out / "work" / "shapes" / "pass_rates.jsonl").read_bytes()}
+
+
+def test_sharded_and_resumed_builds_equal_an_uninterrupted_one(workspace: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Two workers (--shard 0/2, 1/2): the last to finish writes exactly the single-worker output;
+    so does a build resumed from a log cut after two questions (and torn mid-line by the kill).
 
     With --batch-size 1 every question is sampled alone with its own seed, so which worker (and
     which batch) it lands in cannot change its responses.
@@ -248,7 +279,17 @@ def test_sharded_build_equals_unsharded(workspace: Path, tmp_path: Path, capsys:
     logs = sorted(p.name for p in (tmp_path / "two" / "work" / "shapes").glob("samples.*.jsonl"))
     assert logs == ["samples.shard-0-of-2.jsonl", "samples.shard-1-of-2.jsonl"]
     assert all(read_log(tmp_path / "two" / "work" / "shapes" / name) for name in logs)  # both shards had work
-    assert _annotations(tmp_path / "two") == _annotations(tmp_path / "one")
+    assert _outputs(tmp_path / "two") == _outputs(tmp_path / "one")
+    one, two = (json.loads((tmp_path / run / "work" / "shapes" / "summary.json").read_text()) for run in ("one", "two"))
+    assert {**two["pass_rates"], "path": None} == {**one["pass_rates"], "path": None}
+
+    log = tmp_path / "one" / "work" / "shapes" / "samples.shard-0-of-1.jsonl"
+    resumed_log = tmp_path / "three" / "work" / "shapes" / log.name
+    resumed_log.parent.mkdir(parents=True)
+    resumed_log.write_text("".join(log.read_text().splitlines(keepends=True)[:2]) + '{"id": "q3", "respon')
+    assert main(_build_args(workspace, tmp_path / "three", "--batch-size", "1")) == 0
+    assert read_log(resumed_log) == read_log(log)  # the two kept, the torn one and the rest sampled again
+    assert _outputs(tmp_path / "three") == _outputs(tmp_path / "one")
 
 
 def test_dropout_ntp_continues_without_the_image(workspace: Path, tmp_path: Path) -> None:
