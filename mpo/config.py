@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from mpo.errors import DataError
+from mpo.hf_names import spelling_of, suggestion, value_hint
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -330,17 +331,61 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
+def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every settable dotted key under ``cls`` (``train.lr``, ``model.lora.r``, ...)."""
+    hints, keys = typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        nested = hints[f.name]
+        keys += _leaf_keys(nested, prefix + f.name + ".") if dataclasses.is_dataclass(nested) else [prefix + f.name]
+    return keys
+
+
+def _unknown_key(key: str, prefix: str, fields: dict) -> DataError:
+    """The error for an unknown key: the key a peer's spelling means or a near spelling, else the
+    section's valid keys."""
+    dotted = prefix + key
+    spelling = spelling_of(key)
+    if spelling is None:
+        # A key without its section (`lr` for `train.lr`) is found by its name alone.
+        same = [k for k in _leaf_keys(Recipe) if k.rsplit(".", 1)[-1] == key and k != dotted]
+        if len(same) == 1:
+            return DataError(f"unknown key {dotted}: did you mean {same[0]}?")
+    hint = suggestion(dotted, _leaf_keys(Recipe))
+    if spelling is not None:
+        return DataError(f"unknown key {dotted}: {hint}")
+    valid = ", ".join(prefix + n for n in fields)
+    return DataError(f"unknown key {dotted}: {hint}; valid keys here: {valid}" if hint else f"unknown key {dotted}; valid keys here: {valid}")
+
+
+def _one_or_many(value: Any) -> Any:
+    """HF Trainer's spellings of a list: ``none`` (or nothing), one name, ``a,b``; a list as it is."""
+    if value is None or value == "none":
+        return []
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+LIST_SYNTAX = "a list: report_to=wandb,tensorboard or report_to=[wandb, tensorboard]; report_to=none for none"
+
+
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise DataError(f"unknown key {prefix}{unknown[0]!s}; valid keys here: {', '.join(prefix + n for n in fields)}")
+        raise _unknown_key(str(unknown[0]), prefix, fields)
     values = {}
     for key, value in data.items():
-        if fields[key].metadata.get("one_or_many") and isinstance(value, str):
-            # HF Trainer's spelling: `report_to: wandb`, `report_to: none`.
-            value = [] if value == "none" else [value]
+        hint = value_hint(prefix + key, value)
+        if hint is not None:
+            raise DataError(hint, field=prefix + key)
+        if fields[key].metadata.get("one_or_many"):
+            try:
+                values[key] = _convert(_one_or_many(value), hints[key], prefix + key)
+            except DataError as error:
+                raise DataError(f"{error.reason} ({LIST_SYNTAX})", field=error.field) from None
+            continue
         values[key] = _convert(value, hints[key], prefix + key)
     return cls(**values)
 
