@@ -31,8 +31,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def _curve_panels(figure, runs: dict[str, list[dict]], metrics: list[str], title: str) -> None:
-    """One panel per metric some run of ``runs`` logged, one line per run, the legend below them."""
-    from matplotlib.lines import Line2D
+    """One panel per metric some run of ``runs`` logged, one line per run."""
     from matplotlib.ticker import MaxNLocator
 
     metrics = [m for m in metrics if any(m in row for rows in runs.values() for row in rows)]
@@ -50,9 +49,7 @@ def _curve_panels(figure, runs: dict[str, list[dict]], metrics: list[str], title
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(metrics):]:
         axis.axis("off")
-    handles = [Line2D([], [], color=METHOD_COLOURS[name], label=short_label(name)) for name in runs]
     figure.suptitle(title)
-    figure.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
 
 
 def _panel_rows(runs: dict[str, list[dict]], metrics: list[str]) -> int:
@@ -63,12 +60,14 @@ def training_curves_figure(result: SeedResult):
     """The SFT stage and the preference runs in two sections, each on its own step axes (the SFT
     stage runs 800 steps, the preference runs 200 from its end: on one axis they would fill its
     first quarter). A panel per logged metric, a line per run; each method keeps one colour and one
-    name in every panel, also where some runs log nothing; each section lists its runs below it.
+    name in every panel, also where some runs log nothing; the legend lists every run once, below
+    the panels (apart from the title).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     runs = {name: read_metrics(run_dir) for name, run_dir in result.runs.items()}
     stage_one = {name: rows for name, rows in runs.items() if name == SFT_STAGE}
@@ -82,6 +81,8 @@ def training_curves_figure(result: SeedResult):
     parts = figure.subfigures(len(sections), 1, height_ratios=heights, squeeze=False)[:, 0]
     for part, (runs_of, metrics, title) in zip(parts, sections):
         _curve_panels(part, runs_of, metrics, title)
+    handles = [Line2D([], [], color=METHOD_COLOURS[name], label=short_label(name)) for name in runs]
+    figure.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
     return figure
 
 
