@@ -105,8 +105,10 @@ class DataConfig:
     jsonl_path: str = ""
     """A single annotation JSONL, its images under ``image_root``."""
     dataset_path: str = ""
-    """A local HF dataset in TRL's preference columns (prompt, chosen, rejected, images): a
-    ``save_to_disk`` directory, a parquet or arrow file, or a directory of them."""
+    """Preference rows of TRL (prompt, chosen, rejected, images), ms-swift (messages,
+    rejected_response, images) or LLaMA-Factory (conversations, chosen, rejected, images), the
+    format read from the columns: a JSONL, JSON, parquet or arrow file, a ``save_to_disk``
+    directory, or a directory of such files."""
     dataset_split: str = "train"
     """The split of a ``save_to_disk`` DatasetDict that ``dataset_path`` names."""
     image_root: str = ""
@@ -252,7 +254,8 @@ class Recipe:
     seed: int = 42
     """Seeds the pair order, the ``repeat_time`` samples and every RNG."""
     report_to: list[Tracker] = field(default_factory=list, metadata={"one_or_many": True})
-    """Experiment trackers (accelerate's) besides metrics.jsonl: a list, one name, or ``none``."""
+    """Experiment trackers (accelerate's) besides metrics.jsonl: a list (``[wandb, tensorboard]`` or
+    ``wandb,tensorboard``), one name, or ``none``."""
     project: str = "mpo"
     """The trackers' project (W&B project, MLflow experiment, tensorboard sub-directory)."""
     run_name: str = ""

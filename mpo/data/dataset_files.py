@@ -89,11 +89,20 @@ def iter_rows(file: Path) -> Iterator[tuple[int, dict | DataError]]:
 
 def column_names(file: Path) -> list[str]:
     """The columns of a file: a parquet or arrow schema's, else the keys of its first row (none for
-    an empty file)."""
+    an empty file). A JSON array is not parsed beyond its first element."""
     if file.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return list(pq.read_schema(file).names)
+    if file.suffix == ".json" and _starts_with(file, b"["):
+        text = file.read_text(encoding="utf-8-sig")
+        start = text.index("[") + 1
+        start += len(text[start:]) - len(text[start:].lstrip())
+        try:
+            first, _ = json.JSONDecoder().raw_decode(text, start)
+        except json.JSONDecodeError:
+            return []  # an empty array, or bad JSON that reading the rows reports
+        return list(first) if isinstance(first, dict) else []
     return list(next((row for _, row in iter_rows(file) if isinstance(row, dict)), {}))
 
 

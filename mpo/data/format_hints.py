@@ -28,6 +28,9 @@ def _is_meta(value) -> bool:
 
 def _meta_file(path: Path) -> bool:
     try:
+        with open(path, "rb") as handle:
+            if not handle.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"{"):
+                return False  # a JSON array or JSON lines of rows, never parsed whole here
         return _is_meta(json.loads(path.read_text(encoding="utf-8-sig")))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
@@ -41,7 +44,7 @@ def sniff(path: Path) -> tuple[str, str] | None:
             return "meta", "an MMPR folder"
         if is_save_to_disk(path):
             return "peer", "a dataset folder written by save_to_disk"
-        first = next((p for p in sorted(path.rglob("*")) if p.suffix in ROW_SUFFIXES and p.is_file()), None)
+        first = next((p for p in path.rglob("*") if p.suffix in ROW_SUFFIXES and p.is_file()), None)
         found = sniff(first) if first is not None else None
         return (found[0], f"a folder of {found[1]}") if found else None
     if not path.is_file() or path.suffix not in ROW_SUFFIXES:
