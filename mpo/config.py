@@ -357,7 +357,9 @@ def _unknown_key(key: str, prefix: str, fields: dict) -> DataError:
     if spelling is not None:
         return DataError(f"unknown key {dotted}: {hint}")
     valid = ", ".join(prefix + n for n in fields)
-    return DataError(f"unknown key {dotted}: {hint}; valid keys here: {valid}" if hint else f"unknown key {dotted}; valid keys here: {valid}")
+    if hint:
+        return DataError(f"unknown key {dotted}: {hint}; valid keys here: {valid}")
+    return DataError(f"unknown key {dotted}; valid keys here: {valid}")
 
 
 def _one_or_many(value: Any) -> Any:

@@ -38,8 +38,8 @@ def data_files(path: Path, split: str) -> list[Path]:
         raise DataError("dataset not found", file=str(path), field="data.dataset_path")
     if path.is_file():
         if path.suffix not in ROW_SUFFIXES:
-            raise DataError(f"expected a {', '.join(ROW_SUFFIXES)} file or a dataset folder, got a {path.suffix or 'suffix-less'} file",
-                            file=str(path), field="data.dataset_path")
+            raise DataError(f"expected a {', '.join(ROW_SUFFIXES)} file or a dataset folder, got a "
+                            f"{path.suffix or 'suffix-less'} file", file=str(path), field="data.dataset_path")
         return [path]
     if is_save_to_disk(path):
         import datasets

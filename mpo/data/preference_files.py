@@ -102,7 +102,8 @@ def _parse(fmt: str, row: dict, file: str, index: int) -> RowPair:
         raise DataError(error.reason, file=file, line=index, field=error.field) from None
 
 
-def parse_row(fmt: str, row: dict, file: str, index: int, root: Path, max_dynamic_patch: int, override=_UNSET) -> PreferenceRecord:
+def parse_row(fmt: str, row: dict, file: str, index: int, root: Path, max_dynamic_patch: int,
+              override=_UNSET) -> PreferenceRecord:
     """Validates one row of format ``fmt``; raises :class:`DataError` naming the file, row and column."""
     return to_record(_parse(fmt, row, file, index), file, index, root, max_dynamic_patch, override)
 

@@ -74,7 +74,8 @@ def parse_rendered_prompt(text: str) -> tuple[str | None, str]:
     if system is not None and IMAGE_TOKEN in system:
         raise DataError(f"an image token {IMAGE_TOKEN} in the system turn")
     if IMAGE_PLACEHOLDER in user:
-        raise DataError(f"a rendered prompt marks its images with {IMAGE_TOKEN} (the processor's image token), not {IMAGE_PLACEHOLDER}")
+        raise DataError(f"a rendered prompt marks its images with {IMAGE_TOKEN} (the processor's image token), "
+                        f"not {IMAGE_PLACEHOLDER}")
     if user.count(IMAGE_TOKEN) != user.count(IMAGE_TOKEN + "\n"):
         raise DataError(f"an image token {IMAGE_TOKEN} without the newline the template renders after it")
     return system, user.replace(IMAGE_TOKEN + "\n", IMAGE_PLACEHOLDER + "\n")

@@ -158,7 +158,8 @@ def swift_pair(row: dict) -> RowPair:
     elif _present(row, "rejected_response"):
         rejected = read_response(row["rejected_response"], "rejected_response")
     else:
-        raise DataError("missing (ms-swift's rejected answer: rejected_response, or rejected_messages)", field="rejected_response")
+        raise DataError("missing (ms-swift's rejected answer: rejected_response, or rejected_messages)",
+                        field="rejected_response")
     if _media(row, "rejected_images") not in ([], _media(row, "images")):
         raise DataError("differs from images: an MPO pair scores both responses on one prompt and its images",
                         field="rejected_images")

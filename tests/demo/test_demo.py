@@ -24,6 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mpo.demo.chains import chain_shares
+from mpo.demo.results import SeedResult
 from mpo.demo.accuracy import evaluate
 from mpo.demo.run import chosen_responses, main
 from mpo.demo.settings import PRESETS, DemoSettings, apply_overrides
