@@ -148,6 +148,23 @@ def test_variants_each_project_documents(tiny_mmpr_dir, tmp_path):
         assert record.images == [str(folder / "images" / "shapes_00.png")], name
 
 
+def test_a_video_row(tiny_mmpr_dir, tmp_path):
+    """ms-swift's and LLaMA-Factory's ``videos`` (one per pair; a frame folder or a file) with a ``<video>`` tag."""
+    folder = tmp_path / "ds"
+    shutil.copytree(tiny_mmpr_dir / "videos", folder / "videos")
+    rows = [{"messages": [{"role": "user", "content": "<video>Which way does the square move?"},
+                          {"role": "assistant", "content": "Right."}], "rejected_response": "Left.", "videos": ["videos/clip0"]},
+            {"conversations": [{"from": "human", "value": "<video>Which way?"}], "chosen": {"from": "gpt", "value": "Right."},
+             "rejected": {"from": "gpt", "value": "Left."}, "videos": ["videos/clip0", "videos/clip1"]}]
+    (folder / "swift.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    (record,) = load_records(DataConfig(dataset_path=str(folder / "swift.jsonl")), seed=0)
+    assert (record.question, record.video, record.images) == ("<video>Which way does the square move?", str(folder / "videos" / "clip0"), [])
+    (folder / "lf.json").write_text(json.dumps(rows[1:]))
+    with pytest.raises(DataError) as caught:
+        load_records(DataConfig(dataset_path=str(folder / "lf.json")), seed=0)
+    assert str(caught.value) == f"{folder / 'lf.json'}:0: videos: 2 videos: a pair takes at most one"
+
+
 def test_system_prompt_setting_replaces_the_rows_own_and_says_so(tiny_mmpr_dir, tmp_path):
     folder = _folder(tiny_mmpr_dir, tmp_path / "ds")
     path = _store(SWIFT_ROWS, "jsonl", folder)
