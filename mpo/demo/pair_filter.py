@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from data_pipeline.mmpr import path_in_meta
 from data_pipeline.pairs import CORRECTNESS_SUFFIX
 from mpo.jsonl import write_json_atomic, write_text_atomic
 from mpo.demo.chains import check_chain
@@ -33,17 +34,21 @@ def keep_right_chains(meta_path: Path, records: dict[str, dict], out_dir: Path) 
     meta = json.loads(meta_path.read_text())
     out_dir = out_dir.resolve()  # meta.json resolves a relative annotation path against its own folder
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The pipeline's paths start from its meta.json's folder; the copy's from out_dir.
+    source = meta_path.resolve().parent
+    meta = {name: {**entry, "root": path_in_meta(out_dir, source / entry["root"]),
+                   "annotation": path_in_meta(out_dir, source / entry["annotation"])} for name, entry in meta.items()}
     dropped = 0
     for name, entry in meta.items():
         if not name.endswith(CORRECTNESS_SUFFIX):
             continue
-        lines = read_jsonl(entry["annotation"])
+        lines = read_jsonl(out_dir / entry["annotation"])
         kept = [line for line in lines if check_chain(line["chosen"], records[line["chosen_meta"]["id"]]).correct]
         dropped += len(lines) - len(kept)
         annotation = out_dir / "annotations" / Path(entry["annotation"]).name
         annotation.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(annotation, "".join(json.dumps(line) + "\n" for line in kept))
-        meta[name] = {**entry, "annotation": str(annotation), "length": len(kept)}
+        meta[name] = {**entry, "annotation": path_in_meta(out_dir, annotation), "length": len(kept)}
     meta = {name: entry for name, entry in meta.items() if entry["length"]}
     write_json_atomic(out_dir / "meta.json", meta)
     return {"meta": str(out_dir / "meta.json"), "subsets": {name: entry["length"] for name, entry in meta.items()},

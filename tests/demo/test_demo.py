@@ -24,6 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mpo.demo.chains import chain_shares
+from mpo.demo.results import SeedResult
 from mpo.demo.accuracy import evaluate
 from mpo.demo.run import chosen_responses, main
 from mpo.demo.settings import PRESETS, DemoSettings, apply_overrides
@@ -100,7 +101,7 @@ def test_pairs_stage(demo_out: Path) -> None:
     meta = json.loads((pairs / "meta.json").read_text())
     assert meta, "no MMPR subset was written"
     for name, entry in meta.items():
-        lines = _lines(Path(entry["annotation"]))
+        lines = _lines(pairs / entry["annotation"])
         assert entry["length"] == len(lines) > 0
         assert all(line["chosen"].strip() and line["rejected"].strip() and line["chosen"] != line["rejected"] for line in lines)
         assert name.endswith(("_pairs_vqa_correctness_rules", "_pairs_vqa_format_rules", "_prefix_pair_sr0.5_wo_image"))
@@ -345,9 +346,11 @@ def test_keep_right_chains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     # the slip (2 + 2 = 3) and the miscounted tally reach the right answer and are dropped
     assert kept["subsets"] == {"s_pairs_vqa_correctness_rules": 1, "s_pairs_vqa_format_rules": 1} and kept["dropped"] == 2
     new_meta = json.loads((tmp_path / "checked" / "meta.json").read_text())
-    assert new_meta["s_pairs_vqa_correctness_rules"]["annotation"] == str(tmp_path / "checked" / "annotations" / "s_pairs_vqa_correctness_rules.jsonl")
-    assert _lines(Path(new_meta["s_pairs_vqa_correctness_rules"]["annotation"])) == lines[:1]
-    assert new_meta["s_pairs_vqa_format_rules"] == meta["s_pairs_vqa_format_rules"]
+    # Paths relative to the copy's folder: the pipeline's root and untouched annotations from there.
+    assert new_meta["s_pairs_vqa_correctness_rules"]["annotation"] == "annotations/s_pairs_vqa_correctness_rules.jsonl"
+    assert _lines(tmp_path / "checked" / new_meta["s_pairs_vqa_correctness_rules"]["annotation"]) == lines[:1]
+    assert new_meta["s_pairs_vqa_format_rules"] == {**meta["s_pairs_vqa_format_rules"], "root": "../pairs/task",
+                                                    "annotation": "../pairs/annotations/s_pairs_vqa_format_rules.jsonl"}
     assert len(_lines(annotations / "s_pairs_vqa_correctness_rules.jsonl")) == 3  # the pipeline's pairs stay
 
 
