@@ -7,6 +7,8 @@ Exit codes, the same for mpo and mpo-data (:mod:`mpo.errors`):
          that died, a model or server that failed, a run that produced nothing
     2    usage or bad input: an unknown command, flag or recipe key, a bad value, a bad data
          line; the last line says what to change
+    75   stopped by SIGTERM (preemption) after writing a checkpoint: run the same command
+         with resume_from=latest
     130  interrupted (Ctrl-C)
 """
 
@@ -14,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
-from pathlib import Path
 from typing import Callable
 
 from mpo import __version__
-from mpo.errors import ERROR_DIR_ENV, EXIT_BAD_INPUT, EXIT_INTERRUPTED, DataError
-from mpo.jsonl import write_text_atomic
+from mpo.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, DataError
+from mpo.train.report import report_line
 
 # subcommand -> (module whose main(argv) runs it, one line for `mpo --help`); modules are
 # imported on use so that `mpo --help` stays fast.
@@ -42,11 +42,7 @@ SELF_REPORTING = {"train"}
 
 def report_error(line: str) -> None:
     """Prints a one-line error, or, under ``mpo train --launch``, hands it to the launcher."""
-    directory = os.environ.get(ERROR_DIR_ENV)
-    if directory:
-        write_text_atomic(Path(directory) / f"rank{os.environ.get('RANK', '0')}.txt", line)
-    else:
-        print(line, file=sys.stderr, flush=True)
+    report_line(line)
 
 
 def exit_on_data_error(job: Callable[[], int]) -> int:
