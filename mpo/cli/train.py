@@ -5,6 +5,11 @@
 
 The recipe is read and checked before torch, transformers or peft are imported, so a mistyped key
 is reported at once; only then does the trainer (:mod:`mpo.train.trainer`) load.
+
+Every way a run ends is told in one last line: bad input (exit 2), a failure explained in one line
+(exit 1), a stop by SIGTERM (exit 75) or Ctrl-C (exit 130) with the command that resumes it
+(:mod:`mpo.train.signals`); under ``--launch`` a crash's exception too, below its traceback.
+``--overwrite`` starts a new run where another lives, moving that one aside (:mod:`mpo.train.run_dir`).
 """
 
 from __future__ import annotations
