@@ -56,9 +56,12 @@ class Liveness:
         from torch.distributed import TCPStore
 
         watch = cls(accelerator.process_index, accelerator.num_processes, timeout_s)
-        watch._store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                timeout=timedelta(seconds=max(30.0, timeout_s)), wait_for_workers=False)
-        watch._store.set(watch._key("who", watch.rank), f"pid {os.getpid()} on {socket.gethostname()}")
+        try:
+            watch._store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                    timeout=timedelta(seconds=max(30.0, timeout_s)), wait_for_workers=False)
+            watch._store.set(watch._key("who", watch.rank), f"pid {os.getpid()} on {socket.gethostname()}")
+        except RuntimeError:
+            return None  # no TCP store at MASTER_ADDR:MASTER_PORT (another rendezvous): the backend's timeout remains
         watch._thread = threading.Thread(target=watch._watch, name="mpo-liveness", daemon=True)
         watch._thread.start()
         return watch
