@@ -233,6 +233,10 @@ class TrainConfig:
     eval metric (e.g. ``eval/loss``); empty: off."""
     save_best_mode: Literal["min", "max"] = "min"
     """Whether a lower (``eval/loss``) or a higher (``eval/rewards/accuracies``) value is better."""
+    collective_timeout: float = 300.0
+    """Seconds a process may stop answering (frozen, stopped with SIGSTOP, its machine unreachable)
+    before the run ends with one line naming it; collectives themselves (gloo, NCCL, DeepSpeed)
+    time out at twice this, which must exceed the longest wait for process 0 (a checkpoint save)."""
 
 
 @dataclass
@@ -449,6 +453,8 @@ def _validate(recipe: Recipe, source: str) -> None:
             raise DataError(f"must be at least 1, got {getattr(data, name)}", file=source, field=f"data.{name}")
     if train.max_steps < 0 or train.num_epochs <= 0 and train.max_steps == 0:
         raise DataError("set train.max_steps > 0 or train.num_epochs > 0", file=source)
+    if train.collective_timeout <= 0:
+        raise DataError(f"must be > 0 seconds, got {train.collective_timeout}", file=source, field="train.collective_timeout")
     if min(recipe.loss.dpo_weight, recipe.loss.bco_weight, recipe.loss.sft_weight) < 0:
         raise DataError("loss weights must be >= 0", file=source)
     if recipe.loss.dpo_weight == recipe.loss.bco_weight == recipe.loss.sft_weight == 0:

@@ -8,12 +8,14 @@ Exit codes, the same for mpo and mpo-data:
          that died, a model or server that failed, a run that produced nothing
     2    usage or bad input: an unknown command, flag or recipe key, a bad value, a bad data
          line; the last line says what to change
+    75   stopped by SIGTERM (preemption) after writing a checkpoint: run the same command with
+         resume_from=latest (sysexits' EX_TEMPFAIL, "try again later"; see the README's cluster section)
     130  interrupted (Ctrl-C)
 """
 
 from __future__ import annotations
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
 
 ERROR_DIR_ENV = "MPO_ERROR_DIR"
 """Set by ``mpo train --launch``: each training process writes its one-line error to
@@ -40,6 +42,11 @@ class DataError(ValueError):
 
     def to_record(self) -> dict:
         return {"file": self.file, "line": self.line, "field": self.field, "error": self.reason}
+
+
+class RunFailed(RuntimeError):
+    """A failure while running that one line explains (a full disk during a save, a process that
+    stopped answering): printed as ``error: <message>``, exit 1, no traceback."""
 
 
 class OverlongPair(DataError):

@@ -7,12 +7,22 @@ runs the same launcher (accelerate's ``launch_command``, same config, same flags
 and tells every training process, through ``MPO_ERROR_DIR``, to write its one-line error to a file
 instead of the console. When a process fails, the launcher prints the error of the first process
 that failed (torchrun's root cause) as its last line and exits with that process's code.
+
+Signals: SIGTERM and SIGINT sent to the launcher are passed on to every training process, and the
+launcher waits for them to write their checkpoint and stop (:mod:`mpo.train.signals`): their
+one-line stop is its last line and their code (75 after SIGTERM) its code. torchrun would instead
+pass the signal on, wait 30 s, kill them, and end in a ``SignalException`` traceback; so it is told
+(``--signals-to-handle``, through its ``PET_SIGNALS_TO_HANDLE`` variable) to leave those two to this launcher. The training processes
+also stop by themselves if the launcher dies (``MPO_LAUNCHER_PID``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -21,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mpo.errors import ERROR_DIR_ENV, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED
+from mpo.train.report import LAUNCHER_PID_ENV
+from mpo.train.signals import LAUNCH_COMMAND_ENV
 
 
 @dataclass(frozen=True)
@@ -39,21 +51,57 @@ class LaunchOptions:
         return [item for flag, value in dataclasses.asdict(self).items() if value is not None
                 for item in (f"--{flag}", str(value))]
 
+    def mpo_args(self) -> list[str]:
+        """The same flags as ``mpo train`` spells them (``--num-processes``), the config aside."""
+        return [item for flag, value in dataclasses.asdict(self).items() if value is not None and flag != "config_file"
+                for item in (f"--{flag.replace('_', '-')}", str(value))]
+
+
+@contextlib.contextmanager
+def _passing_signals_on():
+    """While the block runs, SIGTERM and SIGINT sent to this process go to its children (the
+    training processes, which this launcher starts itself) and the launcher keeps waiting for them.
+    A signal ignored when the launcher started (``nohup``, a script's background job) stays so."""
+    import psutil
+
+    def pass_on(number: int, frame) -> None:
+        for child in psutil.Process().children():
+            try:
+                child.send_signal(number)
+            except psutil.NoSuchProcess:
+                pass
+
+    previous = {number: signal.signal(number, pass_on) for number in (signal.SIGTERM, signal.SIGINT)
+                if signal.getsignal(number) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
 
 def launch_training(options: LaunchOptions, train_args: list[str]) -> int:
     """Runs ``accelerate launch <options> -m mpo.train <train_args>``; returns the exit code."""
     if not Path(options.config_file).is_file():
         print(f"error: {options.config_file}: launch config not found (see launch/)", file=sys.stderr)
         return EXIT_BAD_INPUT
+    import torch
+
+    if not torch.cuda.is_available():
+        # Before accelerate imports DeepSpeed here: its accelerator detection then logs nothing.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from accelerate.commands.launch import launch_command, launch_command_parser
     from accelerate.utils import patch_environment
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args([*options.accelerate_args(), "-m", "mpo.train", *train_args])
     _quiet_torchrun()
-    with tempfile.TemporaryDirectory(prefix="mpo-launch-") as error_dir:
+    command = shlex.join(["mpo", "train", "--launch", options.config_file, *options.mpo_args(), *train_args])
+    with tempfile.TemporaryDirectory(prefix="mpo-launch-") as error_dir, _passing_signals_on():
+        environment = {ERROR_DIR_ENV: error_dir, LAUNCHER_PID_ENV: str(os.getpid()), LAUNCH_COMMAND_ENV: command,
+                       "PET_SIGNALS_TO_HANDLE": "SIGHUP,SIGQUIT"}
         try:
-            with patch_environment(**{ERROR_DIR_ENV: error_dir}):
+            with patch_environment(**environment):
                 launch_command(args)
         except ChildFailedError as failed:
             first_rank, _ = failed.get_first_failure()

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
-from pathlib import Path
 from typing import Callable
 
 from mpo import __version__, errors
-from mpo.errors import ERROR_DIR_ENV, EXIT_BAD_INPUT, EXIT_INTERRUPTED, DataError
-from mpo.jsonl import write_text_atomic
+from mpo.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, DataError
+from mpo.train.report import report_line
 
 # subcommand -> (module whose main(argv) runs it, one line for `mpo --help`); modules are
 # imported on use so that `mpo --help` stays fast.
@@ -33,15 +31,6 @@ SELF_REPORTING = {"train"}
 """Commands that turn their own errors into one line (``mpo train`` also under a launcher)."""
 
 
-def report_error(line: str) -> None:
-    """Prints a one-line error, or, under ``mpo train --launch``, hands it to the launcher."""
-    directory = os.environ.get(ERROR_DIR_ENV)
-    if directory:
-        write_text_atomic(Path(directory) / f"rank{os.environ.get('RANK', '0')}.txt", line)
-    else:
-        print(line, file=sys.stderr, flush=True)
-
-
 def exit_on_data_error(job: Callable[[], int]) -> int:
     """Runs ``job``; bad input ends it with one ``error: file:line: field: message`` line, exit 2."""
     try:
@@ -49,7 +38,7 @@ def exit_on_data_error(job: Callable[[], int]) -> int:
     except DataError as error:
         # An error raised in a DataLoader worker arrives wrapped; its last line is ours.
         message = str(error).strip().splitlines()[-1].removeprefix("mpo.errors.DataError: ")
-        report_error(f"error: {message}")
+        report_line(f"error: {message}")  # under mpo train --launch: handed to the launcher
         return EXIT_BAD_INPUT
 
 

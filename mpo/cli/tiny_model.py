@@ -26,5 +26,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _load(path: Path):
     from transformers import AutoModelForImageTextToText
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # its "Loading weights" bar tells nothing here
 
     return AutoModelForImageTextToText.from_pretrained(path)

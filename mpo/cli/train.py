@@ -5,17 +5,28 @@
 
 The recipe is read and checked before torch, transformers or peft are imported, so a mistyped key
 is reported at once; only then does the trainer (:mod:`mpo.train.trainer`) load.
+
+Every way a run ends is told in one last line: bad input (exit 2), a failure explained in one line
+(exit 1), a stop by SIGTERM (exit 75) or Ctrl-C (exit 130) with the command that resumes it
+(:mod:`mpo.train.signals`); under ``--launch`` a crash's exception too, below its traceback.
+``--overwrite`` starts a new run where another lives, moving that one aside (:mod:`mpo.train.run_dir`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
+import traceback
 
 from mpo.config_keys import format_recipe_keys
 from mpo.config import load_recipe
 from mpo.cli.main import exit_on_data_error
+from mpo.errors import EXIT_FAILED, EXIT_INTERRUPTED, DataError, RunFailed
 from mpo.hf_names import flag_hint
+from mpo.train.report import handed_to_launcher, process_rank, report_line
+from mpo.train.signals import LAUNCH_COMMAND_ENV, TrainingStopped
 
 LAUNCH_FLAGS = ("--launch", "--num-processes", "--num-machines", "--machine-rank", "--main-process-ip", "--main-process-port")
 
@@ -33,6 +44,9 @@ def train_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("recipe", metavar="RECIPE", help="a recipe YAML (see recipes/)")
     parser.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="recipe keys to override, e.g. train.lr=5e-6")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run where another one lives, renaming the old one to OUTPUT_DIR.old-TIME "
+                             "(nothing is deleted); without it such an output_dir is refused")
     group = parser.add_argument_group("launcher (accelerate's, run for you)")
     group.add_argument("--launch", metavar="CONFIG", help="an accelerate config, e.g. launch/zero3.yaml (default: no launcher)")
     group.add_argument("--num-processes", metavar="N", type=int, help="processes in all (default: the config's)")
@@ -56,21 +70,63 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(flag_hint(flags[0], [*LAUNCH_FLAGS, "--help"], value))
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return exit_on_data_error(lambda: _train(args))
+    return exit_on_data_error(lambda: _reported(args))
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that resumes this run: the one that started it (``mpo train --launch`` hands
+    its own down), without ``--overwrite`` and any other ``resume_from``, plus ``resume_from=latest``."""
+    launched = os.environ.get(LAUNCH_COMMAND_ENV)
+    if launched:
+        words = shlex.split(launched)
+    elif "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ:
+        words = ["accelerate", "launch", "<your launch flags>", "-m", "mpo.train", args.recipe, *args.overrides]
+    else:
+        words = ["mpo", "train", args.recipe, *args.overrides]
+    kept = [word for word in words if word != "--overwrite" and not word.startswith("resume_from=")]
+    return shlex.join([*kept, "resume_from=latest"]).replace("'<your launch flags>'", "<your launch flags>")
+
+
+def _reported(args: argparse.Namespace) -> int:
+    """:func:`_train`, each way it ends told in one last line (bad input by the caller)."""
+    try:
+        return _train(args)
+    except TrainingStopped as stop:
+        if stop.main_process or handed_to_launcher():  # on a console, once
+            report_line(stop.line(resume_command(args)))
+        return stop.exit_code
+    except RunFailed as error:
+        report_line(f"error: {error}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        report_line(f"error: interrupted before training began; start again with: {resume_command(args)}")
+        return EXIT_INTERRUPTED
+    except DataError:
+        raise
+    except Exception as error:
+        if not handed_to_launcher():
+            raise  # the traceback is the report
+        # Under the launcher the traceback stays above, and its last line is the launcher's last line.
+        traceback.print_exc()
+        last = traceback.format_exception_only(error)[-1].strip().replace("\n", " ")
+        report_line(f"error: process {process_rank()} failed: {last}")
+        return EXIT_FAILED
 
 
 def _train(args: argparse.Namespace) -> int:
     # Read here, in the launching process too, so a bad recipe fails before any launch.
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.overwrite and recipe.resume_from:
+        raise DataError("--overwrite starts a new run; it cannot resume one (drop resume_from or --overwrite)", field="resume_from")
     if args.launch:
         from mpo.cli.launcher import LaunchOptions, launch_training
 
         options = LaunchOptions(args.launch, args.num_processes, args.num_machines, args.machine_rank,
                                 args.main_process_ip, args.main_process_port)
-        return launch_training(options, [args.recipe, *args.overrides])
+        return launch_training(options, [args.recipe, *args.overrides, *(["--overwrite"] if args.overwrite else [])])
     from mpo.train.trainer import run
 
-    return run(recipe)
+    return run(recipe, args.overwrite)
 
 
 if __name__ == "__main__":

@@ -165,6 +165,8 @@ def train(
                   "max_steps": steps, "micro_batch_size": batch, "mixed_precision": "no",
                   "warmup_ratio": warmup, "lr_scheduler": "cosine", "log_every": 1},
         "output_dir": str(out_dir),
+        # A stage cut short by `mpo demo --resume` runs again in its own directory.
+        "resume_from": "latest",
         "seed": seed,
     }, source="mpo demo")
     MPOTrainer(recipe).train()

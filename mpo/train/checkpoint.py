@@ -15,7 +15,8 @@ the weights once. Under DeepSpeed the engine's files are what resumes (the fp32 
 and optimizer partitions), and the HF files are an extra 16-bit copy (gathered under ZeRO-3).
 
 It is written under a ``.tmp`` name and renamed only once complete, so a crash while saving
-leaves the previous checkpoint as the newest loadable one. The data position needs no saving:
+leaves the previous checkpoint as the newest loadable one; a save that fails (a full disk, an I/O
+error) removes its ``.tmp`` and ends the run with one line (:mod:`mpo.train.save_failures`). The data position needs no saving:
 the order of pairs is a pure function of (seed, step), see :mod:`mpo.data.batch_order`.
 """
 
@@ -32,6 +33,7 @@ import torch
 from mpo.config import Recipe
 from mpo.model.loading import DTYPES
 from mpo.jsonl import fsync_directory, write_json_atomic, write_text_atomic
+from mpo.train.save_failures import written
 from mpo.train.saving import load_model_weights, write_model
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
@@ -102,22 +104,27 @@ def replace_dir(tmp: Path, final: Path) -> None:
     fsync_directory(final.parent)
 
 
+def checkpoint_path(recipe: Recipe, step: int) -> Path:
+    """Where the checkpoint of ``step`` is saved."""
+    return Path(recipe.output_dir) / "checkpoints" / f"step-{step:08d}"
+
+
 def save_checkpoint(accelerator, policy, processor, recipe: Recipe, step: int, trainer_state: dict) -> Path:
     """Saves a checkpoint (every rank takes part: ZeRO shards, gathers); returns its path."""
-    root = Path(recipe.output_dir) / "checkpoints"
-    final = root / f"step-{step:08d}"
-    tmp = root / f"step-{step:08d}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    write_model(accelerator, policy, processor, tmp)
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json_atomic(tmp / STATE_FILE, trainer_state)
-        write_text_atomic(tmp / RECIPE_FILE, recipe.to_yaml())
-        replace_dir(tmp, final)
+    final = checkpoint_path(recipe, step)
+    tmp = final.with_name(f"{final.name}.tmp")
+    with written(tmp, "checkpoint"):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        write_model(accelerator, policy, processor, tmp)
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json_atomic(tmp / STATE_FILE, trainer_state)
+            write_text_atomic(tmp / RECIPE_FILE, recipe.to_yaml())
+            replace_dir(tmp, final)
         keep_last = recipe.train.keep_last
         for old in checkpoint_dirs(recipe.output_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old)
@@ -130,13 +137,14 @@ def save_best(accelerator, policy, processor, recipe: Recipe, record: dict) -> P
     step, metric, value) and ``recipe.yaml``; atomically, like a checkpoint."""
     final = Path(recipe.output_dir) / "best"
     tmp = final.with_name("best.tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    write_model(accelerator, policy, processor, tmp)
-    if accelerator.is_main_process:
-        write_json_atomic(tmp / BEST_FILE, record)
-        write_text_atomic(tmp / RECIPE_FILE, recipe.to_yaml())
-        replace_dir(tmp, final)
+    with written(tmp, "best model"):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        write_model(accelerator, policy, processor, tmp)
+        if accelerator.is_main_process:
+            write_json_atomic(tmp / BEST_FILE, record)
+            write_text_atomic(tmp / RECIPE_FILE, recipe.to_yaml())
+            replace_dir(tmp, final)
     accelerator.wait_for_everyone()
     return final
 
@@ -146,12 +154,13 @@ def save_final_model(accelerator, policy, processor, recipe: Recipe) -> Path:
     ``model.lora.merge_dtype`` under ``final/merged`` too with ``model.lora.merge_on_save``)."""
     out = Path(recipe.output_dir) / "final"
     tmp = out.with_name("final.tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
     lora = recipe.model.lora
-    write_model(accelerator, policy, processor, tmp, DTYPES[lora.merge_dtype] if lora.merge_on_save else None)
-    if accelerator.is_main_process:
-        replace_dir(tmp, out)
+    with written(tmp, "final model"):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        write_model(accelerator, policy, processor, tmp, DTYPES[lora.merge_dtype] if lora.merge_on_save else None)
+        if accelerator.is_main_process:
+            replace_dir(tmp, out)
     accelerator.wait_for_everyone()
     return out
 

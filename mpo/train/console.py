@@ -1,15 +1,24 @@
-"""What a training run prints: libraries' noise silenced, and one start-up summary block.
+"""What a training run prints: libraries' noise silenced, one start-up summary block, and where
+the output is not a terminal (a cluster's log file), one metric line per logged step.
 
 Silenced, through each library's own switch, because the user cannot act on it: transformers'
 per-load and per-save progress bars, accelerate's notice at every save that safetensors dropped
-the tied LM head (reloading ties it again), and DeepSpeed's "Setting accelerator to CPU" in runs
-that do not use DeepSpeed (accelerate imports it to recognise its engine when unwrapping a model).
+the tied LM head (reloading ties it again), DeepSpeed's "Setting accelerator to CPU" on a machine
+without CUDA (accelerate imports DeepSpeed to recognise its engine when unwrapping a model, in
+runs without DeepSpeed too), torch's "No CUDA runtime is found" when DeepSpeed builds its CPU
+ops, and the FutureWarnings torch.distributed raises at DeepSpeed's calls of its deprecated
+functions.
+
+A progress bar redraws one line with carriage returns, which a log file keeps as one endless
+line; so the bar is drawn only on a terminal, and a log gets :func:`metric_line` instead.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -32,14 +41,37 @@ class _TiedWeightNotice(logging.Filter):
         return "Removed shared tensor" not in record.getMessage()  # after accelerate's "[RANK 0] " prefix
 
 
-def quiet_libraries(uses_deepspeed: bool) -> None:
+def quiet_libraries() -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
     logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightNotice())
-    if not uses_deepspeed and not torch.cuda.is_available():
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.")
+    if not torch.cuda.is_available():
         # DeepSpeed's documented accelerator override; with it set, its detection logs nothing.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+LINE_METRICS = (("loss", "loss", ".4f"), ("loss/dpo", "dpo", ".4f"), ("loss/bco", "bco", ".4f"), ("loss/sft", "sft", ".4f"),
+                ("rewards/accuracies", "acc", ".2f"), ("rewards/margins", "margin", ".4f"), ("grad_norm", "grad_norm", ".3g"),
+                ("lr", "lr", ".2e"), ("tokens_per_s", "tok/s", ".0f"))
+"""The metrics of a log line: (metrics.jsonl name, shown name, format); absent ones are left out."""
+
+
+def metric_line(step: int, total_steps: int, metrics: dict[str, float], elapsed_s: float, steps_done: int) -> str:
+    """One log line of a step, e.g. ``step 2/4  loss 0.8318  dpo 0.6931 ... tok/s 812  elapsed 0:00:03  eta 0:00:03``.
+
+    Args:
+        step: the step just trained; ``total_steps`` the run's last.
+        metrics: the step's metrics (those of metrics.jsonl).
+        elapsed_s: seconds since this process's first step; ``steps_done`` the steps trained in them.
+    """
+    parts = [f"step {step}/{total_steps}"]
+    parts += [f"{shown} {metrics[name]:{spec}}" for name, shown, spec in LINE_METRICS if name in metrics]
+    remaining = elapsed_s / max(steps_done, 1) * (total_steps - step)
+    parts += [f"elapsed {datetime.timedelta(seconds=round(elapsed_s))}", f"eta {datetime.timedelta(seconds=round(remaining))}"]
+    return "  ".join(parts)
 
 
 def _distribution(accelerator) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -41,11 +42,12 @@ def uses_deepspeed() -> bool:
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
     """The run's ``Accelerator``: trackers, precision and accumulation from the recipe, gloo on CPU."""
-    handlers = []
     multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if multi_process_cpu:
-        # NCCL needs GPUs; on CPU, DDP and DeepSpeed run over gloo.
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    # A frozen process is named after train.collective_timeout by mpo.train.liveness; the backend's
+    # own timeout (gloo, NCCL, and DeepSpeed's init, which accelerate hands it) is the backstop.
+    timeout = timedelta(seconds=2 * recipe.train.collective_timeout)
+    # NCCL needs GPUs; on CPU, DDP and DeepSpeed run over gloo.
+    handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout) if multi_process_cpu else InitProcessGroupKwargs(timeout=timeout)]
     # A GPU launch config (launch/ddp.yaml) on a machine without GPUs makes accelerate start every
     # process as a lone trainer that never syncs; cpu=True makes it CPU data parallel instead. Not
     # under DeepSpeed: there cpu=True would switch DeepSpeed off.

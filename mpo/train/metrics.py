@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mpo.config import Recipe
+from mpo.jsonl import write_text_atomic
 from mpo.types import MPOLossOutput, SequenceLogps
 
 
@@ -70,8 +71,8 @@ class MetricsWriter:
     The trackers get the recipe as their run configuration, flattened to dotted keys
     (``train.lr``) since tensorboard's hyper-parameters take scalars only. On resume the file is cut
     back to the checkpoint's step, so a resumed run's file reads like an uninterrupted one; W&B
-    continues the same run (its id is kept in ``output_dir/wandb_run_id``) and tensorboard hides
-    the events after the checkpoint's step.
+    continues the same run (its id is kept in ``output_dir/wandb_run_id``, reused only by a run that
+    resumes from a checkpoint) and tensorboard hides the events after the checkpoint's step.
     """
 
     def __init__(self, accelerator, recipe: Recipe, resume_step: int):
@@ -87,7 +88,7 @@ class MetricsWriter:
         if "wandb" in recipe.report_to:
             # The API key is never read here; WANDB_MODE=offline is honoured by wandb itself.
             init_kwargs["wandb"] = {"name": recipe.run_name or None, "dir": recipe.output_dir,
-                                    "id": _run_id(self.path.parent), "resume": "allow"}
+                                    "id": wandb_run_id(self.path.parent, resuming=resume_step > 0), "resume": "allow"}
         if "tensorboard" in recipe.report_to and resume_step:
             init_kwargs["tensorboard"] = {"purge_step": resume_step + 1}  # events after the checkpoint hidden
         accelerator.init_trackers(
@@ -129,13 +130,14 @@ def flat_config(tree: dict, prefix: str = "") -> dict[str, str | int | float | b
     return flat
 
 
-def _run_id(output_dir: Path) -> str:
-    """A W&B run id stored in the output directory, so a resumed run continues the same run."""
+def wandb_run_id(output_dir: Path, resuming: bool) -> str:
+    """The W&B run id: the one stored in the output directory when resuming from a checkpoint (the
+    resumed run continues the same W&B run), else a new one, stored for the runs resuming this one."""
     path = output_dir / "wandb_run_id"
-    if path.exists():
+    if resuming and path.exists():
         return path.read_text().strip()
     import uuid
 
     run_id = uuid.uuid4().hex[:12]
-    path.write_text(run_id)
+    write_text_atomic(path, run_id)
     return run_id

@@ -20,6 +20,7 @@ from mpo.data.records import unique_by_source
 from mpo.errors import DataError, OverlongPair
 from mpo.model.loading import load_processor
 from mpo.model.precomputed import FIELDS, Fingerprint, data_root, pair_key, write_reference_logps
+from mpo.train.console import quiet_libraries
 from mpo.train.distributed import configure_deepspeed, is_deepspeed, load_frozen_reference, make_accelerator, text_hidden_size
 from mpo.types import EncodedPair
 
@@ -34,6 +35,7 @@ def compute(recipe: Recipe, out: Path | None) -> Path:
     writes the file on the main process. Returns its path."""
     from accelerate.utils import gather_object
 
+    quiet_libraries()
     accelerator = make_accelerator(recipe)
     processor = load_processor(recipe.model)
     skip = recipe.data.on_bad_sample == "skip"

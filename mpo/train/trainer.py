@@ -20,6 +20,7 @@ How it departs from the official InternVL/TRL MPO trainer:
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -39,22 +40,27 @@ from mpo.errors import DataError
 from mpo.jsonl import write_text_atomic
 from mpo.losses import MPOLoss, RewardShift
 from mpo.model.forward import ForwardOutput, PreferenceForward, text_only_vision
-from mpo.model.loading import count_parameters, load_policy, load_processor, vision_is_frozen
+from mpo.model.loading import count_parameters, load_policy, vision_is_frozen
 from mpo.model.reference import DisabledAdapterReference, FrozenModelReference
 from mpo.train.checkpoint import (
-    RECIPE_FILE, keep_weights_loadable, load_checkpoint, save_best, save_checkpoint, save_final_model, untouched_rng,
+    RECIPE_FILE, checkpoint_dirs, checkpoint_path, keep_weights_loadable, load_checkpoint, save_best, save_checkpoint,
+    save_final_model, untouched_rng,
 )
-from mpo.train.console import quiet_libraries, startup_summary
+from mpo.train.console import metric_line, quiet_libraries, startup_summary
 from mpo.train.distributed import (
     check_supported, check_zero3_gathers, configure_deepspeed, is_deepspeed, load_frozen_reference, make_accelerator,
-    text_hidden_size, uses_deepspeed, zero_config,
+    text_hidden_size, zero_config,
 )
 from mpo.train.evaluation import EvalSums, improves
 from mpo.train.metrics import MetricsWriter, StepStats
 from mpo.train.optim import build_optimizer, zero_missing_gradients
 from mpo.train.pairs import PairFetcher
 from mpo.train.precision import check_precision, clip_grad_norm
-from mpo.train.preflight import check_before_loading
+from mpo.train.liveness import Liveness
+from mpo.train.preflight import check_before_loading, check_environment, load_checked_processor
+from mpo.train.report import process_rank
+from mpo.train.run_dir import claim_for_all
+from mpo.train.signals import StopRequest, TrainingStopped, stop_with_launcher
 from mpo.train.skip_log import SkipLog
 from mpo.types import MPOLossOutput, PreferenceBatch
 
@@ -67,12 +73,33 @@ class MPOTrainer:
     """Set up in the constructor (data, reference file, model, reference model, resume), then
     :meth:`train`; one instance per process."""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, overwrite: bool = False):
+        """Args:
+            recipe: the run.
+            overwrite: start a new run where another one lives, moving the old one aside
+                (:mod:`mpo.train.run_dir`); without it such a directory is refused.
+        """
         self.recipe = recipe
-        quiet_libraries(uses_deepspeed())
+        # First, so that a SIGTERM while the model loads still ends in a resumable stop.
+        self.stop = StopRequest(announce=process_rank() == 0).install()
+        stop_with_launcher()
+        self.run_lock = self.liveness = None
+        try:
+            self._setup(overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, overwrite: bool) -> None:
+        recipe = self.recipe
+        quiet_libraries()
+        check_environment(recipe)
         self.accelerator = make_accelerator(recipe)
+        self.liveness = Liveness.start(self.accelerator, recipe.train.collective_timeout)
+        self.run_lock, notes = claim_for_all(recipe, self.accelerator, overwrite)
+        for note in notes:
+            self._print(f"note: {note}")
         set_seed(recipe.seed)
-        Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
         if self.accelerator.is_main_process:
             write_text_atomic(Path(recipe.output_dir) / RECIPE_FILE, recipe.to_yaml())
         resume = self._setup_data()
@@ -89,9 +116,22 @@ class MPOTrainer:
         keep_weights_loadable(self.accelerator)
         self.step = 0
         self.best: dict | None = None  # the step, metric and value of output_dir/best
+        self.resumed_from = resume
         if resume is not None:
             self._resume(resume)
+        self.start_step = self.step
         self.metrics = MetricsWriter(self.accelerator, recipe, self.step)
+
+    def close(self) -> None:
+        """Ends what the run holds in this process: the signal handlers, the watch of the other
+        processes, the output directory's lock (the run calls it when it ends, however it ends)."""
+        self.stop.restore()
+        if self.liveness is not None:
+            self.liveness.finish()
+            self.liveness = None
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
 
     # ------------------------------------------------------------------------------- setup
 
@@ -124,7 +164,7 @@ class MPOTrainer:
         if skipped and accelerator.is_main_process:
             self.skip_log.add(skipped)
 
-        self.processor = load_processor(recipe.model)
+        self.processor = load_checked_processor(recipe.model)
         self.dataset = PreferenceDataset(train_records, self.processor, recipe.data)
         self.fetch = PairFetcher(self.dataset, skip, self.skip_log)
         self.eval_dataset = PreferenceDataset(eval_records, self.processor, recipe.data) if eval_records else None
@@ -331,14 +371,48 @@ class MPOTrainer:
     # ------------------------------------------------------------------------------- loop
 
     def train(self) -> None:
+        """Trains to the last step and saves the final model.
+
+        Raises:
+            TrainingStopped: a SIGTERM or SIGINT stopped the run (after saving the step it
+                reached, unless a second Ctrl-C asked to stop at once).
+        """
+        try:
+            self._train()
+        except KeyboardInterrupt:
+            latest = checkpoint_dirs(self.recipe.output_dir)
+            raise TrainingStopped("SIGINT", self.step, self.total_steps, latest[-1] if latest else None, saved=False,
+                                  main_process=self.accelerator.is_main_process) from None
+        finally:
+            self.close()
+
+    def _stop_if_asked(self, saved_now: bool) -> None:
+        """Ends the run with :class:`TrainingStopped` when every process agrees a signal came,
+        after writing the checkpoint of this step (unless ``saved_now``, or no step was trained)."""
+        signal_name = self.stop.agreed(self.accelerator)
+        if signal_name is None:
+            return
+        checkpoint = self.resumed_from
+        if saved_now and self.step > self.start_step:
+            checkpoint = checkpoint_path(self.recipe, self.step)
+        elif self.step > self.start_step:
+            checkpoint = save_checkpoint(self.accelerator, self.policy, self.processor, self.recipe, self.step, self.trainer_state())
+        raise TrainingStopped(signal_name, self.step, self.total_steps, checkpoint, saved=checkpoint is not None,
+                              main_process=self.accelerator.is_main_process)
+
+    def _train(self) -> None:
         recipe, accelerator = self.recipe, self.accelerator
         self._print(startup_summary(self))
+        self._stop_if_asked(saved_now=True)  # a signal while the model loaded
         self.policy.train()
         loader = self.micro_batch_loader()
         with untouched_rng(accelerator.device):
             micro_batches = zip(loader.batch_sampler, iter(loader))
+        # A log file gets a metric line per logged step instead of a bar (mpo.train.console).
+        terminal = sys.stderr.isatty()
+        first_step, first_at = self.step, time.perf_counter()
         # `with`: an error mid-run closes the bar first, so its line is not glued to the bar's.
-        with tqdm(total=self.total_steps, initial=self.step, desc="mpo", disable=not accelerator.is_main_process,
+        with tqdm(total=self.total_steps, initial=self.step, desc="mpo", disable=not (accelerator.is_main_process and terminal),
                   dynamic_ncols=True) as bar:
             while self.step < self.total_steps:
                 started = time.perf_counter()
@@ -352,10 +426,16 @@ class MPOTrainer:
                 metrics.update(evaluation)
                 if self.step % recipe.train.log_every == 0 or self.step == self.total_steps or evaluation:
                     self.metrics.log(self.step, metrics)
+                    if not terminal:
+                        self._print(metric_line(self.step, self.total_steps, metrics, time.perf_counter() - first_at,
+                                                self.step - first_step))
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-                if recipe.train.save_every and self.step % recipe.train.save_every == 0 and self.step < self.total_steps:
+                saved = bool(recipe.train.save_every and self.step % recipe.train.save_every == 0 and self.step < self.total_steps)
+                if saved:
                     save_checkpoint(accelerator, self.policy, self.processor, recipe, self.step, self.trainer_state())
+                if self.step < self.total_steps:
+                    self._stop_if_asked(saved)
         save_checkpoint(accelerator, self.policy, self.processor, recipe, self.step, self.trainer_state())
         final = save_final_model(accelerator, self.policy, self.processor, recipe)
         skipped = self.skip_log.refresh()
@@ -367,7 +447,11 @@ class MPOTrainer:
         accelerator.end_training()
 
 
-def run(recipe: Recipe) -> int:
-    """Trains ``recipe`` in this process (one of a launch's processes, or alone)."""
-    MPOTrainer(recipe).train()
+def run(recipe: Recipe, overwrite: bool = False) -> int:
+    """Trains ``recipe`` in this process (one of a launch's processes, or alone).
+
+    Raises:
+        TrainingStopped: a signal stopped the run (:mod:`mpo.train.signals`).
+    """
+    MPOTrainer(recipe, overwrite).train()
     return 0
