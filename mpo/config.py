@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
+from mpo.config_ranges import check_ranges
 from mpo.errors import DataError
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -213,7 +214,16 @@ class TrainConfig:
     num_epochs: float = 1.0
     """Passes over the data when ``max_steps`` is 0 (fractions allowed)."""
     max_grad_norm: float = 1.0
-    """Gradient clipping norm."""
+    """Gradient clipping norm; 0 or less: no clipping (the norm is still computed and logged), as
+    HF Trainer, TRL and DeepSpeed read it, the same under one process, DDP and DeepSpeed."""
+    grad_accum_dtype: Literal["weights", "fp32"] = "weights"
+    """Where 16-bit weights' gradients are summed over the micro-batches of a step (and, under DDP,
+    all-reduced): ``weights`` in the weights' own dtype, as DeepSpeed, HF Trainer and TRL do,
+    rounding the running sum at every micro-batch; ``fp32`` in an fp32 buffer per trainable weight,
+    exact to fp32 rounding, for +4 bytes per trainable parameter held through the whole step (32 GB
+    for a fully trained 8B model without sharding; under DeepSpeed its
+    ``data_types.grad_accum_dtype``). ``mpo grad-accum`` measures both; figures and the choice of
+    default: the README's Precision section. No effect on float32 weights."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     """Autocast precision of the forward passes; ``no`` computes in ``model.dtype``."""
     log_every: int = 1
@@ -228,8 +238,10 @@ class TrainConfig:
     save_best: str = ""
     """Keep ``output_dir/best``, a loadable copy of the model at the best value so far of this
     eval metric (e.g. ``eval/loss``); empty: off."""
-    save_best_mode: Literal["min", "max"] = "min"
-    """Whether a lower (``eval/loss``) or a higher (``eval/rewards/accuracies``) value is better."""
+    save_best_mode: Literal["auto", "min", "max"] = "auto"
+    """Whether a lower or a higher ``save_best`` value is better. ``auto`` follows the metric:
+    lower for the losses and for the rejected responses' rewards and log-probs, higher for the
+    chosen responses' rewards and log-probs, the margins and the accuracies."""
 
 
 @dataclass
@@ -279,6 +291,14 @@ def eval_metric_names(loss: LossConfig) -> list[str]:
     rewards = ["chosen", "rejected", "margins", "accuracies"] if loss.dpo_weight or loss.bco_weight else []
     return ["eval/loss", *(f"eval/loss/{t}" for t in terms), *(f"eval/rewards/{r}" for r in rewards),
             "eval/logps/chosen", "eval/logps/rejected"]
+
+
+def save_best_direction(train: TrainConfig) -> Literal["min", "max"]:
+    """``train.save_best_mode`` resolved: ``auto`` follows ``train.save_best`` (its docstring)."""
+    if train.save_best_mode != "auto":
+        return train.save_best_mode
+    name = train.save_best.removeprefix("eval/")
+    return "min" if name.startswith("loss") or name.endswith("/rejected") else "max"
 
 
 def _convert(value: Any, annotation: Any, key: str) -> Any:
@@ -399,8 +419,7 @@ def _validate(recipe: Recipe, source: str) -> None:
             raise DataError(f"must be at least 1, got {getattr(data, name)}", file=source, field=f"data.{name}")
     if train.max_steps < 0 or train.num_epochs <= 0 and train.max_steps == 0:
         raise DataError("set train.max_steps > 0 or train.num_epochs > 0", file=source)
-    if min(recipe.loss.dpo_weight, recipe.loss.bco_weight, recipe.loss.sft_weight) < 0:
-        raise DataError("loss weights must be >= 0", file=source)
+    check_ranges(recipe, source)
     if recipe.loss.dpo_weight == recipe.loss.bco_weight == recipe.loss.sft_weight == 0:
         raise DataError("every loss weight is 0: nothing to train", file=source)
     _validate_eval(recipe, source)
