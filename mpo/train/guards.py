@@ -79,13 +79,13 @@ class WeightGuard:
     """Stops the run when a trainable weight becomes non-finite, or all-zero after starting non-zero.
 
     Args:
-        model: the policy as prepared (a DDP wrapper's ``module.`` prefix is left out of names).
+        model: the policy's transformers model (unwrapped), so parameters are named as in its checkpoint.
         accelerator: the run's ``Accelerator`` (device, process count, all-reduce).
     """
 
     def __init__(self, model: nn.Module, accelerator):
         self.accelerator = accelerator
-        named = [(name.removeprefix("module."), p) for name, p in model.named_parameters() if p.requires_grad]
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.names = [name for name, _ in named]
         self.parameters = [p for _, p in named]
         with torch.no_grad():

@@ -17,7 +17,9 @@ DDP) :class:`MasterWeightAdamW` does what DeepSpeed does:
 
 Per 16-bit trainable parameter that is 2 (weight) + 2 (gradient) + 4 (master) + 8 (moments) = 16
 bytes, DeepSpeed's 2 + 2 + 12; at the step the fp32 gradient (4) replaces the freed 16-bit one,
-when the activations are already gone.
+when the activations are already gone. With ``train.grad_accum_dtype: fp32`` the fp32 gradient is
+the sum of the micro-batches' (:meth:`MasterWeightAdamW.load_gradients` after each backward,
+:mod:`mpo.train.grad_accum`) and exists from the first micro-batch on, activations and all.
 """
 
 from __future__ import annotations

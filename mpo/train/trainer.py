@@ -93,7 +93,7 @@ class MPOTrainer:
         self.best: dict | None = None  # the step, metric and value of output_dir/best
         if resume is not None:
             self._resume(resume)
-        self.weight_guard = WeightGuard(self.policy, self.accelerator)
+        self.weight_guard = WeightGuard(self.accelerator.unwrap_model(self.policy).model, self.accelerator)
         self.metrics = MetricsWriter(self.accelerator, recipe, self.step)
 
     # ------------------------------------------------------------------------------- setup
