@@ -55,6 +55,31 @@ def chat_server(tiny_model_dir: Path):
         yield url
 
 
+@pytest.mark.parametrize(
+    "server, top_level, per_image",
+    [("vllm", {"mm_processor_kwargs": {"max_patches": 3}}, {}),
+     ("lmdeploy", {}, {"max_dynamic_patch": 3}),
+     ("sglang", {"max_dynamic_patch": 3}, {"max_dynamic_patch": 3}),
+     (None, {}, {})],
+)
+def test_each_server_gets_the_budget_in_its_key(inputs, chat_server, server, top_level, per_image):
+    """Two images sharing 6 tiles: 3 each, in the key each server reads; an unknown one gets none."""
+    from PIL import Image
+
+    from data_pipeline.backends import GenerationRequest, SamplingParams
+    from data_pipeline.openai_client import OpenAIBackend
+
+    client = OpenAIBackend(chat_server, model="tiny", retries=0, server=server)
+    files = (inputs / "wide.png", inputs / "square.png")
+    request = GenerationRequest("Which is wider?", tuple(Image.open(f).convert("RGB") for f in files), files)
+    body = client.payload(request, SamplingParams(max_tiles=6), n=1, seed=0)
+    client.close()
+    keys = {"model", "messages", "n", "temperature", "top_p", "max_tokens", "seed"}
+    assert {k: v for k, v in body.items() if k not in keys} == top_level
+    images = [part["image_url"] for part in body["messages"][-1]["content"] if part["type"] == "image_url"]
+    assert len(images) == 2 and all({k: v for k, v in image.items() if k != "url"} == per_image for image in images)
+
+
 def test_a_server_that_honours_the_budget_passes(inputs, chat_server, tiny_model_dir, tmp_path, capsys):
     """auto: /v1/models says ``mpo``, which takes vLLM's key; every shape's count equals the trainer's."""
     assert sample(inputs, tmp_path / "samples.jsonl", chat_server, tiny_model_dir) == 0
