@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mpo.errors import RunStopped
@@ -96,7 +97,7 @@ class WeightGuard:
         return parameter.ds_tensor if hasattr(parameter, "ds_tensor") else parameter.detach()
 
     def _norms(self) -> torch.Tensor:
-        """``[P]`` fp32 norm of each trainable tensor this process holds (0 for an empty one)."""
+        """``[P]`` the norm of each trainable tensor this process holds, as fp32 (0 for an empty one)."""
         device = self.accelerator.device
         if not self.parameters:
             return torch.zeros(0, device=device)
@@ -134,7 +135,5 @@ class WeightGuard:
 
 def _all_reduce_min(values: torch.Tensor) -> torch.Tensor:
     """The element-wise minimum over processes."""
-    import torch.distributed as dist
-
     dist.all_reduce(values, op=dist.ReduceOp.MIN)
     return values
