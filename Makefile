@@ -20,9 +20,10 @@ $(BIN)/mpo: pyproject.toml
 
 setup: $(BIN)/mpo
 
-# The suite also races TRL's DPOTrainer (`mpo bench --against trl`), an optional extra.
+# The suite also races TRL's DPOTrainer (`mpo bench --against trl`) and starts `transformers serve`
+# (fastapi, uvicorn): optional extras.
 $(VENV)/.trl: $(BIN)/mpo
-	$(BIN)/pip install --quiet -e .[trl]
+	$(BIN)/pip install --quiet -e .[trl,serving]
 	touch $(VENV)/.trl
 
 demo: setup

@@ -26,6 +26,8 @@ import sys
 import traceback
 
 from data_pipeline.backends import BackendError
+from data_pipeline.prompt_check import SAMPLE_EVERY
+from data_pipeline.server_kinds import SERVERS
 from data_pipeline.records import ResumeError
 from data_pipeline.sharding import ShardSpec
 from mpo.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED
@@ -107,13 +109,22 @@ def add_generation_args(p: argparse.ArgumentParser, temperature: float, continui
     b = p.add_argument_group("backend")
     b.add_argument("--backend", choices=["transformers", "openai"], default="transformers",
                    help="a local model, or an OpenAI-compatible server (vLLM, LMDeploy, SGLang)")
-    b.add_argument("--model", help="checkpoint directory (default: none; needed by --backend transformers)")
+    b.add_argument("--model", help="checkpoint directory (needed by --backend transformers); with --backend openai the "
+                                   "served checkpoint (directory or hub id), whose processor the server's prompts are checked "
+                                   "against (default: none; openai: --served-model, else the name the server lists)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     b.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float16, ...")
     b.add_argument("--base-url", nargs="+", metavar="URL",
                    help="OpenAI-compatible server(s), e.g. http://node1:8000/v1 http://node2:8000/v1: requests go to the "
                         "least busy one and are retried on another (default: none; needed by --backend openai)")
     b.add_argument("--served-model", help="model name on the server (default: the first one it lists)")
+    b.add_argument("--server", choices=["auto", *SERVERS], default="auto",
+                   help="which server it is, so the tile budget goes in the key it reads (vllm: mm_processor_kwargs.max_patches; "
+                        "lmdeploy, sglang: max_dynamic_patch); auto asks GET /v1/models and sends no key to a server it does "
+                        "not recognise (transformers serve), leaving the prompt check to stop a run it tiles otherwise")
+    b.add_argument("--prompt-check", choices=["on", "off"], default="on",
+                   help="compare the server's usage.prompt_tokens with the trainer's renderer on the first request of each "
+                        f"prompt shape and every {SAMPLE_EVERY}th after, and stop on a difference")
     b.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     b.add_argument("--concurrency", type=int, default=8, help="requests in flight per server")
     b.add_argument("--timeout", type=float, default=600.0, help="seconds per request")

@@ -43,7 +43,8 @@ class GenerationRequest:
 
     ``images`` are decoded RGB images (validated by the caller); ``image_paths`` the files they
     came from, when there are files, so a remote backend can send the original bytes.
-    ``system_prompt`` is the system message text (None: no system turn).
+    ``system_prompt`` is the system message text (None: no system turn). ``source`` names the
+    record it comes from (``file:line (id ...)``) for messages.
     """
 
     question: str
@@ -53,6 +54,7 @@ class GenerationRequest:
     assistant_prefix: str = ""
     num_samples: int = 1
     seed: int = 0
+    source: str = ""
 
     def messages(self) -> list[dict]:
         """The structured chat messages of this prompt (:func:`mpo.prompting.chat_messages`)."""

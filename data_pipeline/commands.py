@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from data_pipeline.backends import SamplingParams, model_identity
+from data_pipeline.prompt_check import PromptCheck
+from data_pipeline.server_kinds import KEYS, SERVERS
 from data_pipeline.build import BuildPaths, PairSettings, Summary, assemble, run_build
 from data_pipeline.dropout_ntp import NTPSettings, continue_without_image, needs_ntp
 from data_pipeline.generation import LoopStats, rate_line
@@ -54,6 +56,8 @@ class LazyBackend:
             if self.args.backend == "openai" and len(self._backend.endpoints) > 1:
                 spread = ", ".join(f"{url}: {count}" for url, count in zip(self._backend.endpoints, self._backend.answered))
                 _log(f"requests answered per server: {spread}")
+            if self.args.backend == "openai" and self._backend.prompt_check is not None:
+                _log(self._backend.prompt_check.summary())
             self._backend.close()
 
 
@@ -63,9 +67,33 @@ def make_backend(args: argparse.Namespace):
 
     if args.backend == "transformers":
         return TransformersBackend(args.model, device=args.device, dtype=args.dtype)
-    return OpenAIBackend(args.base_url, model=args.served_model, api_key=os.environ.get(args.api_key_env),
-                         concurrency=args.concurrency, timeout=args.timeout, retries=args.retries,
-                         samples_per_request=args.samples_per_request, extra_body=args.extra_body)
+    backend = OpenAIBackend(args.base_url, model=args.served_model, api_key=os.environ.get(args.api_key_env),
+                            concurrency=args.concurrency, timeout=args.timeout, retries=args.retries,
+                            samples_per_request=args.samples_per_request, extra_body=args.extra_body, server=args.server)
+    if backend.server is None:
+        _log(f"server: not recognised from GET /v1/models, so no tile budget is sent (--server {'|'.join(SERVERS)} sends "
+             "one); the prompt check stops the run if it tiles otherwise than the trainer")
+    else:
+        _log(f"server: {backend.server}{' (GET /v1/models)' if args.server == 'auto' else ''}; the tile budget goes in "
+             f"{KEYS[backend.server]}")
+    if args.prompt_check == "off":
+        _log("warning: --prompt-check off: the server's prompts are not compared with the trainer's")
+    else:
+        backend.prompt_check = PromptCheck(_check_processor(args.model or backend.model))
+    return backend
+
+
+def _check_processor(source: str):
+    """The served checkpoint's processor, which renders the prompts the server's are checked against."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"the server's prompts are checked against the trainer's renderer, which needs the served "
+                         f"checkpoint's processor, and none loads from {source!r} ({str(error).splitlines()[0]}); pass "
+                         "--model with the served checkpoint's directory or hub id (only its processor files are read), "
+                         "or --prompt-check off") from None
 
 
 def _log(message: str) -> None:

@@ -84,7 +84,8 @@ def continuation_request(record: SampleRecord, prefix: str, seed: int) -> Genera
     """The text-only request: no images, placeholders removed, the system message the response was
     sampled with, and the prefix opening the answer (a final assistant message, continued)."""
     return GenerationRequest(question=drop_image_placeholders(record.prompt), system_prompt=record.system_prompt,
-                             assistant_prefix=prefix, num_samples=1, seed=seed)
+                             assistant_prefix=prefix, num_samples=1, seed=seed,
+                             source=f"{record.dataset} line {record.line} (id {record.id}), Dropout-NTP")
 
 
 def continue_without_image(

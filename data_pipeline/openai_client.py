@@ -8,10 +8,15 @@ template (the checkpoint's) produces the trainer's token ids:
   where a server could decode the file differently), and a prefix as
   a final assistant message with ``continue_final_message: true, add_generation_prompt: false``
   (vLLM's and SGLang's convention; ``mpo-data serve`` follows it);
-* the per-image tile budget as ``mm_processor_kwargs: {"max_patches": N}`` (vLLM's InternVL
-  processor; the server must run with ``--trust-request-mm-kwargs``, else it answers HTTP 400);
+* the per-image tile budget in the key the server reads (:mod:`data_pipeline.server_kinds`: vLLM's
+  ``mm_processor_kwargs: {"max_patches": N}``, with ``--trust-request-mm-kwargs``, else it answers
+  HTTP 400; LMDeploy's and SGLang's ``max_dynamic_patch``);
 * ``n`` samples in one request (one prefill and one vision pass per prompt on the server) and the
   request's ``seed``.
+
+Each reply's ``usage.prompt_tokens`` is checked against the trainer's renderer on a sample of the
+requests (:mod:`data_pipeline.prompt_check`), so a server that tiles, templates or prompts
+otherwise stops the run instead of producing pairs trained under another prompt.
 
 Several base URLs (one server per node) share the requests: each goes to the endpoint with the
 fewest requests in flight, and a request that fails on one (connection error, timeout, HTTP 429 or
@@ -36,6 +41,8 @@ from pathlib import Path
 from PIL import Image
 
 from data_pipeline.backends import BackendError, Generation, GenerationRequest, SamplingParams
+from data_pipeline.prompt_check import PromptCheck
+from data_pipeline.server_kinds import OWNERS, add_tile_budget
 from mpo.data.media import is_plain_rgb_file
 from mpo.data.prompting import tile_budget
 
@@ -91,6 +98,9 @@ class OpenAIBackend:
         samples_per_request: split a request's samples into calls of this many (1 for servers
             without ``n``); 0 sends all of them in one call.
         extra_body: JSON merged into every request.
+        server: ``vllm``, ``lmdeploy``, ``sglang`` (where the tile budget is sent) or ``auto``
+            (asked from ``GET /v1/models``; :mod:`data_pipeline.server_kinds`).
+        prompt_check: checks the replies' prompt token counts (:class:`PromptCheck`); ``None``: unchecked.
     """
 
     name = "openai"
@@ -105,6 +115,8 @@ class OpenAIBackend:
         retries: int = 3,
         samples_per_request: int = 0,
         extra_body: dict | None = None,
+        server: str = "auto",
+        prompt_check: PromptCheck | None = None,
     ):
         self.endpoints = [_endpoint(u) for u in ([base_urls] if isinstance(base_urls, str) else base_urls)]
         if not self.endpoints:
@@ -120,10 +132,23 @@ class OpenAIBackend:
         self.answered = [0] * len(self.endpoints)  # successful calls per endpoint, for the run's report
         self.turn = itertools.count()
         self.lock = threading.Lock()
-        self.model = model or self._served_model(self.endpoints[0])
+        if model is None:
+            models = self._call("GET", "/models", endpoint=0).get("data") or []
+            if not models:
+                raise BackendError(f"{self.endpoints[0]}/models lists no model; pass --served-model")
+        else:
+            models = self._models() if server == "auto" else []
+        self.model = model or models[0]["id"]
+        # The server kind whose tile-budget key is sent (None: an unknown server, no key).
+        self.server = OWNERS.get(models[0].get("owned_by", "") if models else "") if server == "auto" else server
+        self.prompt_check = prompt_check
         if len(self.endpoints) > 1:  # a server with another model would quietly mix two models' samples
-            for endpoint in self.endpoints[1:] if model is None else self.endpoints:
-                self._check_serves(endpoint)
+            # The first server's listing, when already fetched, answers for it.
+            for index, endpoint in enumerate(self.endpoints):
+                if index > 0 or not models:
+                    self._check_serves(endpoint)
+                elif self.model not in [m["id"] for m in models]:
+                    self._refuse_model(endpoint, [m["id"] for m in models])
 
     def _request(self, endpoint: str, method: str, path: str, data: bytes | None) -> dict:
         headers = {"Content-Type": "application/json"}
@@ -183,16 +208,21 @@ class OpenAIBackend:
                     f"start vLLM with --trust-request-mm-kwargs. Server said: {detail}")
         return f"HTTP {code} from {url}: {detail}"
 
-    def _served_model(self, endpoint: str) -> str:
-        models = self._call("GET", "/models", endpoint=self.endpoints.index(endpoint)).get("data") or []
-        if not models:
-            raise BackendError(f"{endpoint}/models lists no model; pass --served-model")
-        return models[0]["id"]
+    def _models(self) -> list[dict]:
+        """``GET /v1/models`` of the first server (its ``data``), only to learn what it is: empty
+        when it fails (``transformers serve`` answers HTTP 500 without a hub cache)."""
+        try:
+            return self._call("GET", "/models", endpoint=0).get("data") or []
+        except BackendError:
+            return []
 
     def _check_serves(self, endpoint: str) -> None:
         listed = [m["id"] for m in self._call("GET", "/models", endpoint=self.endpoints.index(endpoint)).get("data") or []]
         if self.model not in listed:
-            raise BackendError(f"{endpoint} does not serve {self.model!r} (it lists {listed}); every --base-url must serve the same model")
+            self._refuse_model(endpoint, listed)
+
+    def _refuse_model(self, endpoint: str, listed: list[str]) -> None:
+        raise BackendError(f"{endpoint} does not serve {self.model!r} (it lists {listed}); every --base-url must serve the same model")
 
     def payload(self, request: GenerationRequest, params: SamplingParams, n: int, seed: int) -> dict:
         """The JSON body of one chat-completions call."""
@@ -209,7 +239,7 @@ class OpenAIBackend:
             body["top_k"] = params.top_k
         if request.images:
             # Per image, as the processor applies it: the prompt's images share the budget.
-            body["mm_processor_kwargs"] = {"max_patches": tile_budget(params.max_tiles, len(request.images))}
+            add_tile_budget(body, self.server, tile_budget(params.max_tiles, len(request.images)))
         if request.assistant_prefix:
             body["continue_final_message"] = True
             body["add_generation_prompt"] = False
@@ -224,6 +254,9 @@ class OpenAIBackend:
             # Chunks after the first get their own seeds; with one chunk the seed is the request's.
             seed = request.seed if call == 0 else (request.seed + call * 7919) % (2**31)
             reply = self._call("POST", "/chat/completions", self.payload(request, params, n, seed))
+            usage = reply.get("usage") or {}
+            if call == 0 and self.prompt_check is not None and self.prompt_check.due(request, params.max_tiles):
+                self.prompt_check.verify(request, params.max_tiles, usage.get("prompt_tokens"), self.server)
             choices = sorted(reply.get("choices") or [], key=lambda choice: choice.get("index", 0))
             if len(choices) != n:
                 raise BackendError(f"asked the server for n={n} choices, got {len(choices)} "
@@ -231,7 +264,6 @@ class OpenAIBackend:
             for choice in choices:
                 texts.append((choice.get("message") or {}).get("content") or "")
                 reasons.append(choice.get("finish_reason") or "stop")
-            usage = reply.get("usage") or {}
             prompt_tokens = usage.get("prompt_tokens", 0)
             counts.extend([0] * n)
         return Generation(tuple(texts), tuple(reasons), prompt_tokens, tuple(counts))

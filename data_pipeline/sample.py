@@ -120,6 +120,7 @@ def sample_questions(
             system_prompt=settings.system_prompt,
             num_samples=settings.num_samples,
             seed=derive_seed(settings.seed, "sample", question.id),
+            source=f"{question.file}:{question.line} (id {question.id})",
         )
         return WorkItem(question.id, (request,), (question, prompt))
 

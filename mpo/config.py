@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 
+from mpo.config_parsing import build, set_dotted
+from mpo.config_ranges import check_ranges
 from mpo.errors import DataError
-from mpo.hf_names import spelling_of, suggestion, value_hint
 
-_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 # accelerate's trackers (``accelerate.utils.LoggerType`` less "all"), as HF Trainer's report_to.
 Tracker = Literal["wandb", "tensorboard", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"]
@@ -216,7 +213,16 @@ class TrainConfig:
     num_epochs: float = 1.0
     """Passes over the data when ``max_steps`` is 0 (fractions allowed)."""
     max_grad_norm: float = 1.0
-    """Gradient clipping norm."""
+    """Gradient clipping norm; 0 or less: no clipping (the norm is still computed and logged), as
+    HF Trainer, TRL and DeepSpeed read it, the same under one process, DDP and DeepSpeed."""
+    grad_accum_dtype: Literal["weights", "fp32"] = "weights"
+    """Where 16-bit weights' gradients are summed over the micro-batches of a step (and, under DDP,
+    all-reduced): ``weights`` in the weights' own dtype, as DeepSpeed, HF Trainer and TRL do,
+    rounding the running sum at every micro-batch; ``fp32`` in an fp32 buffer per trainable weight,
+    exact to fp32 rounding, for +4 bytes per trainable parameter held through the whole step (32 GB
+    for a fully trained 8B model without sharding; under DeepSpeed its
+    ``data_types.grad_accum_dtype``). ``mpo grad-accum`` measures both; figures and the choice of
+    default: the README's Precision section. No effect on float32 weights."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     """Autocast precision of the forward passes; ``no`` computes in ``model.dtype``."""
     log_every: int = 1
@@ -231,8 +237,10 @@ class TrainConfig:
     save_best: str = ""
     """Keep ``output_dir/best``, a loadable copy of the model at the best value so far of this
     eval metric (e.g. ``eval/loss``); empty: off."""
-    save_best_mode: Literal["min", "max"] = "min"
-    """Whether a lower (``eval/loss``) or a higher (``eval/rewards/accuracies``) value is better."""
+    save_best_mode: Literal["auto", "min", "max"] = "auto"
+    """Whether a lower or a higher ``save_best`` value is better. ``auto`` follows the metric:
+    lower for the losses and for the rejected responses' rewards and log-probs, higher for the
+    chosen responses' rewards and log-probs, the margins and the accuracies."""
     collective_timeout: float = 300.0
     """Seconds a process may stop answering (frozen, stopped with SIGSTOP, its machine unreachable)
     before the run ends with one line naming it; collectives themselves (gloo, NCCL, DeepSpeed)
@@ -289,124 +297,12 @@ def eval_metric_names(loss: LossConfig) -> list[str]:
             "eval/logps/chosen", "eval/logps/rejected"]
 
 
-def _convert(value: Any, annotation: Any, key: str) -> Any:
-    """Checks (and where lossless, converts) one value against a field's annotation."""
-    origin = typing.get_origin(annotation)
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise DataError(f"expected a mapping, got {value!r}", field=key)
-        return _build(annotation, value, key + ".")
-    if origin is Literal:
-        if value is False and "no" in typing.get_args(annotation):
-            value = "no"  # YAML 1.1 reads a bare `no` (train.mixed_precision=no) as false
-        if value not in typing.get_args(annotation):
-            raise DataError(f"must be one of {list(typing.get_args(annotation))}, got {value!r}", field=key)
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise DataError(f"expected a list, got {value!r}", field=key)
-        (item,) = typing.get_args(annotation)
-        return [_convert(v, item, key) for v in value]
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(annotation):
-            try:
-                return _convert(value, option, key)
-            except DataError:
-                continue
-        raise DataError(f"cannot be {value!r}", field=key)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise DataError(f"expected true or false, got {value!r}", field=key)
-        return value
-    if annotation is float:
-        # PyYAML follows YAML 1.1, which reads 1e-5 (no dot) as a string; take it as the number.
-        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
-            return float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise DataError(f"expected a number, got {value!r}", field=key)
-        return float(value)
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise DataError(f"expected an integer, got {value!r}", field=key)
-        return value
-    if annotation is str:
-        if value is None:
-            return ""
-        if not isinstance(value, (str, int, float)):
-            raise DataError(f"expected a string, got {value!r}", field=key)
-        return str(value)
-    return value
-
-
-def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
-    """Every settable dotted key under ``cls`` (``train.lr``, ``model.lora.r``, ...)."""
-    hints, keys = typing.get_type_hints(cls), []
-    for f in dataclasses.fields(cls):
-        nested = hints[f.name]
-        keys += _leaf_keys(nested, prefix + f.name + ".") if dataclasses.is_dataclass(nested) else [prefix + f.name]
-    return keys
-
-
-def _unknown_key(key: str, prefix: str, fields: dict) -> DataError:
-    """The error for an unknown key: the key a peer's spelling means or a near spelling, else the
-    section's valid keys."""
-    dotted = prefix + key
-    spelling = spelling_of(key)
-    if spelling is None:
-        # A key without its section (`lr` for `train.lr`) is found by its name alone.
-        same = [k for k in _leaf_keys(Recipe) if k.rsplit(".", 1)[-1] == key and k != dotted]
-        if len(same) == 1:
-            return DataError(f"unknown key {dotted}: did you mean {same[0]}?")
-    hint = suggestion(dotted, _leaf_keys(Recipe))
-    if spelling is not None:
-        return DataError(f"unknown key {dotted}: {hint}")
-    valid = ", ".join(prefix + n for n in fields)
-    if hint:
-        return DataError(f"unknown key {dotted}: {hint}; valid keys here: {valid}")
-    return DataError(f"unknown key {dotted}; valid keys here: {valid}")
-
-
-def _one_or_many(value: Any) -> Any:
-    """HF Trainer's spellings of a list: ``none`` (or nothing), one name, ``a,b``; a list as it is."""
-    if value is None or value == "none":
-        return []
-    if isinstance(value, str):
-        return [item.strip() for item in value.split(",") if item.strip()]
-    return value
-
-
-LIST_SYNTAX = "a list: report_to=wandb,tensorboard or report_to=[wandb, tensorboard]; report_to=none for none"
-
-
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        raise _unknown_key(str(unknown[0]), prefix, fields)
-    values = {}
-    for key, value in data.items():
-        hint = value_hint(prefix + key, value)
-        if hint is not None:
-            raise DataError(hint, field=prefix + key)
-        if fields[key].metadata.get("one_or_many"):
-            try:
-                values[key] = _convert(_one_or_many(value), hints[key], prefix + key)
-            except DataError as error:
-                raise DataError(f"{error.reason} ({LIST_SYNTAX})", field=error.field) from None
-            continue
-        values[key] = _convert(value, hints[key], prefix + key)
-    return cls(**values)
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise DataError(f"override {dotted}: {part} is not a section")
-    node[parts[-1]] = value
+def save_best_direction(train: TrainConfig) -> Literal["min", "max"]:
+    """``train.save_best_mode`` resolved: ``auto`` follows ``train.save_best`` (its docstring)."""
+    if train.save_best_mode != "auto":
+        return train.save_best_mode
+    name = train.save_best.removeprefix("eval/")
+    return "min" if name.startswith("loss") or name.endswith("/rejected") else "max"
 
 
 def recipe_from_dict(data: dict, overrides: list[str] | None = None, source: str = "recipe") -> Recipe:
@@ -415,9 +311,9 @@ def recipe_from_dict(data: dict, overrides: list[str] | None = None, source: str
         if "=" not in item:
             raise DataError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        set_dotted(data, key.strip(), yaml.safe_load(raw) if raw != "" else "")
     try:
-        recipe = _build(Recipe, data)
+        recipe = build(Recipe, data)
     except DataError as error:
         raise DataError(str(error), file=source) from None
     _validate(recipe, source)
@@ -455,8 +351,7 @@ def _validate(recipe: Recipe, source: str) -> None:
         raise DataError("set train.max_steps > 0 or train.num_epochs > 0", file=source)
     if train.collective_timeout <= 0:
         raise DataError(f"must be > 0 seconds, got {train.collective_timeout}", file=source, field="train.collective_timeout")
-    if min(recipe.loss.dpo_weight, recipe.loss.bco_weight, recipe.loss.sft_weight) < 0:
-        raise DataError("loss weights must be >= 0", file=source)
+    check_ranges(recipe, source)
     if recipe.loss.dpo_weight == recipe.loss.bco_weight == recipe.loss.sft_weight == 0:
         raise DataError("every loss weight is 0: nothing to train", file=source)
     _validate_eval(recipe, source)

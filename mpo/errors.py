@@ -54,5 +54,11 @@ class OverlongPair(DataError):
     counted and listed, whatever ``data.on_bad_sample`` says)."""
 
 
+class RunStopped(RuntimeError):
+    """A run stopped by a guard because going on would train or save something wrong (weights that
+    became non-finite): one line naming the step and the cause, exit code 1 (it failed while
+    running; the input may be fine)."""
+
+
 def _rebuild(cls, message, file, line, field):
     return cls(message, file=file, line=line, field=field)

@@ -1,8 +1,9 @@
 """Trains like ``python -m mpo.train`` and then records what this process saw, for the tests.
 
 Launched by ``tests/train/test_distributed.py`` under ``accelerate launch``; each process writes
-``<output_dir>/rank<N>.json`` with its reward shift and how many reference and policy weights it
-holds itself (a ZeRO-3 process holds about 1/N of them).
+``<output_dir>/rank<N>.json`` with its reward shift, how many reference and policy weights it
+holds itself (a ZeRO-3 process holds about 1/N of them) and, outside DeepSpeed, a checksum of its
+trained weights.
 
     accelerate launch --config_file launch/zero3.yaml tests/launch_probe.py RECIPE.yaml [key=value ...]
 """
@@ -31,6 +32,9 @@ def main(argv: list[str]) -> None:
         "reference": type(trainer.reference).__name__,
         "policy_numel": local_and_total_numel(trainer.policy),
     }
+    if not trainer.recipe.model.lora.enabled and trainer.accelerator.state.deepspeed_plugin is None:
+        # A checksum of this process's replica of the trained weights (DDP keeps them equal).
+        view["weights_sum"] = sum(float(p.detach().double().sum()) for p in trainer.accelerator.unwrap_model(trainer.policy).parameters())
     if isinstance(trainer.reference, FrozenModelReference):
         view["reference_numel"] = local_and_total_numel(trainer.reference.forward)
     (Path(recipe.output_dir) / f"rank{view['rank']}.json").write_text(json.dumps(view))

@@ -187,7 +187,7 @@ def test_bad_overrides():
         ({"train": {"gradient_accumulation_steps": 0}}, "train.gradient_accumulation_steps: must be at least 1"),
         ({"train": {"max_steps": -2}}, "train.max_steps > 0 or train.num_epochs > 0"),
         ({"train": {"num_epochs": 0.0}}, "train.max_steps > 0 or train.num_epochs > 0"),
-        ({"loss": {"bco_weight": -0.2}}, "loss weights must be >= 0"),
+        ({"loss": {"bco_weight": -0.2}}, "r.yaml: loss.bco_weight: must be >= 0, got -0.2"),
         ({"loss": {"dpo_weight": 0.0, "bco_weight": 0.0, "sft_weight": 0.0}}, "every loss weight is 0"),
         ({"data": {"eval_jsonl_path": "e.jsonl", "eval_fraction": 0.1}}, "at most one of data.eval_meta_path, data.eval_jsonl_path"),
         ({"data": {"eval_fraction": 1.0}}, "data.eval_fraction: must be in [0, 1)"),

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from mpo.cli.train import main as train_main
-from mpo.config import _leaf_keys, Recipe, recipe_from_dict
+from mpo.config import Recipe, recipe_from_dict
+from mpo.config_parsing import leaf_keys
 from mpo.errors import DataError
 from mpo.hf_names import SPELLINGS, spelling_table
 
@@ -97,7 +98,7 @@ def test_hf_flags_to_mpo_train_are_answered(argv, last, capsys):
 
 
 def test_every_spelling_points_at_real_keys():
-    keys = set(_leaf_keys(Recipe))
+    keys = set(leaf_keys(Recipe))
     for spelling in SPELLINGS:
         if not spelling.key.startswith("mpo "):
             assert set(spelling.key.split(", ")) <= keys, spelling

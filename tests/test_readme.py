@@ -20,11 +20,12 @@ import pytest
 
 from data_pipeline.__main__ import build_parser as data_parser
 from mpo.cli.main import COMMANDS
-from mpo.config import Recipe, _leaf_keys, load_recipe
+from mpo.config import Recipe, load_recipe
+from mpo.config_parsing import leaf_keys
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
-KEYS = set(_leaf_keys(Recipe))
+KEYS = set(leaf_keys(Recipe))
 OVERRIDE_COMMANDS = {"train", "validate", "memory", "precompute-ref"}
 """``mpo`` subcommands that take ``key=value`` recipe overrides."""
 PLACEHOLDER_KEYS = {"key", "key.sub"}

@@ -11,7 +11,7 @@ import sys
 from typing import Callable
 
 from mpo import __version__, errors
-from mpo.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, DataError
+from mpo.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, DataError, RunStopped
 from mpo.train.report import report_line
 
 # subcommand -> (module whose main(argv) runs it, one line for `mpo --help`); modules are
@@ -21,6 +21,7 @@ COMMANDS = {
     "precompute-ref": ("mpo.cli.precompute_ref", "compute the reference log-probs once and store them next to the data"),
     "memory": ("mpo.tools.memory.planner", "per-GPU memory of a recipe under DDP and ZeRO-1/2/3 (+offload)"),
     "bench": ("mpo.tools.bench.race", "training speed and memory of the layouts, optionally against TRL (--against trl)"),
+    "grad-accum": ("mpo.tools.grad_accum", "the error of bf16 gradient accumulation against fp32, and fp32's memory cost"),
     "gpu-check": ("mpo.tools.gpu_check", "on a GPU: FlexAttention vs SDPA, bf16 vs fp32 loss terms, mpo bench with MFU"),
     "tiny-model": ("mpo.cli.tiny_model", "write a random tiny InternVL checkpoint (tests, laptops)"),
     "shapes-task": ("mpo.demo.shapes", "write the synthetic shapes reasoning task of the demo"),
@@ -32,7 +33,8 @@ SELF_REPORTING = {"train"}
 
 
 def exit_on_data_error(job: Callable[[], int]) -> int:
-    """Runs ``job``; bad input ends it with one ``error: file:line: field: message`` line, exit 2."""
+    """Runs ``job``; bad input ends it with one ``error: file:line: field: message`` line, exit 2;
+    a run stopped by a guard (:class:`mpo.errors.RunStopped`) with one ``error:`` line, exit 1."""
     try:
         return job()
     except DataError as error:
@@ -40,6 +42,9 @@ def exit_on_data_error(job: Callable[[], int]) -> int:
         message = str(error).strip().splitlines()[-1].removeprefix("mpo.errors.DataError: ")
         report_line(f"error: {message}")  # under mpo train --launch: handed to the launcher
         return EXIT_BAD_INPUT
+    except RunStopped as error:
+        report_line(f"error: {error}")
+        return EXIT_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:

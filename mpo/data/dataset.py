@@ -49,7 +49,10 @@ class PreferenceDataset:
         rejected_ids = tokenizer(record.rejected, add_special_tokens=False)["input_ids"] + [self.end_of_turn]
         budget = self.config.max_length - len(prompt_ids)
         if budget < 1:
-            raise OverlongPair(f"prompt alone is {len(prompt_ids)} tokens > max_length {self.config.max_length}", field="question")
+            # Never cut: image tokens without their features, or a prompt without its end, train garbage.
+            image_tokens = prompt_ids.count(self.processor.image_token_id)
+            kept = f" ({image_tokens} of them image tokens, which are never cut)" if image_tokens else ""
+            raise OverlongPair(f"prompt alone is {len(prompt_ids)} tokens > max_length {self.config.max_length}{kept}", field="question")
         truncated = max(len(chosen_ids), len(rejected_ids)) > budget
         if truncated and self.config.overlong == "drop":
             longest = len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))

@@ -92,6 +92,17 @@ def _subsets(records) -> str:
     return f"{len(counts)} subset(s): {named}{more}"
 
 
+def _gradients(recipe, accelerator) -> str:
+    """How a step's gradients are summed and clipped (``train.grad_accum_dtype``, ``train.max_grad_norm``)."""
+    train = recipe.train
+    # DeepSpeed casts the weights to 16 bits under 16-bit mixed precision.
+    deepspeed_cast = accelerator.distributed_type == DistributedType.DEEPSPEED and train.mixed_precision != "no"
+    sixteen_bit = recipe.model.dtype != "float32" or deepspeed_cast
+    summed = "summed in fp32" if train.grad_accum_dtype == "fp32" or not sixteen_bit else "summed in 16 bits (the weights' dtype)"
+    clipped = f"clipped at norm {train.max_grad_norm:g}" if train.max_grad_norm > 0 else "not clipped (train.max_grad_norm <= 0)"
+    return f"{summed}, {clipped}"
+
+
 LAYOUTS = {"auto": "auto (shared_prefix, or packed where it removes padding)"}
 
 
@@ -113,6 +124,7 @@ def startup_summary(trainer) -> str:
         ("layout", f"{LAYOUTS.get(recipe.forward.layout, recipe.forward.layout)}{', vision once per pair' if recipe.forward.dedupe_vision else ''}"),
         ("reference", reference),
         ("precision", f"weights {recipe.model.dtype}, mixed precision {recipe.train.mixed_precision}"),
+        ("gradients", _gradients(recipe, accelerator)),
         ("processes", f"{accelerator.num_processes} ({_distribution(accelerator)})"),
         ("global batch", f"{order.global_batch_size} pairs = micro-batch {order.micro_batch_size} x accumulation "
                          f"{order.accumulation_steps} x {order.world_size} process(es)"),

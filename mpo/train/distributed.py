@@ -121,7 +121,8 @@ def check_supported(accelerator, config: ModelConfig) -> None:
         )
 
 
-def configure_deepspeed(accelerator, micro_batch_size: int, accumulation_steps: int, max_grad_norm: float, hidden_size: int) -> None:
+def configure_deepspeed(accelerator, micro_batch_size: int, accumulation_steps: int, max_grad_norm: float, hidden_size: int,
+                        grad_accum_dtype: str = "weights") -> None:
     """Writes the recipe's batch, accumulation and clipping into the DeepSpeed config (in place).
 
     Call it before loading any model: under ZeRO-3, ``from_pretrained`` partitions the weights as
@@ -134,12 +135,24 @@ def configure_deepspeed(accelerator, micro_batch_size: int, accumulation_steps: 
         max_grad_norm: DeepSpeed clips inside its own step, so the recipe's norm goes in its config
             (accelerate's ``clip_grad_norm_`` is a no-op under DeepSpeed).
         hidden_size: the language model's hidden size (:func:`text_hidden_size`).
+        grad_accum_dtype: ``train.grad_accum_dtype``: ``fp32`` becomes DeepSpeed's
+            ``data_types.grad_accum_dtype``; ``weights`` leaves DeepSpeed's default (the weights' dtype).
     """
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     config["train_micro_batch_size_per_gpu"] = micro_batch_size
     config["gradient_accumulation_steps"] = accumulation_steps
     config["train_batch_size"] = micro_batch_size * accumulation_steps * accelerator.num_processes
-    config["gradient_clipping"] = max_grad_norm
+    # DeepSpeed clips only when this is > 0, which is what the recipe's <= 0 means (no clipping).
+    config["gradient_clipping"] = max(max_grad_norm, 0.0)
+    data_types = config.setdefault("data_types", {})
+    if grad_accum_dtype == "fp32":
+        if int(config.get("zero_optimization", {}).get("stage", 0)) == 0 and accelerator.mixed_precision in ("bf16", "fp16"):
+            # DeepSpeed raises NotImplementedError on 16-bit weights with fp32 sums outside ZeRO.
+            raise DataError("DeepSpeed sums 16-bit gradients in fp32 only under ZeRO; launch a ZeRO config "
+                            "(launch/zero1.yaml) or set train.grad_accum_dtype=weights", field="train.grad_accum_dtype")
+        data_types["grad_accum_dtype"] = "fp32"
+    else:
+        data_types.pop("grad_accum_dtype", None)
     _fill_bucket_sizes(config.setdefault("zero_optimization", {}), hidden_size)
 
 

@@ -73,9 +73,13 @@ def build_optimizer(model: nn.Module, recipe: Recipe, master_weights: bool, devi
 
 
 @torch.no_grad()
-def zero_missing_gradients(model: nn.Module) -> None:
+def zero_missing_gradients(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Gives every trainable parameter without a gradient a zero one (module docstring: a step
-    whose micro-batches had no image still steps the vision weights, with zero gradients)."""
+    whose micro-batches had no image still steps the vision weights, with zero gradients). A
+    parameter whose gradient was already summed into its fp32 master (``optimizer`` a
+    :class:`MasterWeightAdamW`, :mod:`mpo.train.grad_accum`) has one."""
+    masters = optimizer.masters if isinstance(optimizer, MasterWeightAdamW) else {}
     for parameter in model.parameters():
-        if parameter.requires_grad and parameter.grad is None:
+        master = masters.get(parameter)
+        if parameter.requires_grad and parameter.grad is None and (master is None or master.grad is None):
             parameter.grad = torch.zeros_like(parameter)

@@ -17,12 +17,15 @@ DDP) :class:`MasterWeightAdamW` does what DeepSpeed does:
 
 Per 16-bit trainable parameter that is 2 (weight) + 2 (gradient) + 4 (master) + 8 (moments) = 16
 bytes, DeepSpeed's 2 + 2 + 12; at the step the fp32 gradient (4) replaces the freed 16-bit one,
-when the activations are already gone.
+when the activations are already gone. With ``train.grad_accum_dtype: fp32`` the fp32 gradient is
+the sum of the micro-batches' (:meth:`MasterWeightAdamW.load_gradients` after each backward,
+:mod:`mpo.train.grad_accum`) and exists from the first micro-batch on, activations and all.
 """
 
 from __future__ import annotations
 
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
 
 from mpo.errors import DataError
@@ -73,10 +76,14 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def load_gradients(self) -> None:
-        """Moves the (reduced) 16-bit gradients onto the fp32 masters, freeing them."""
+        """Adds the 16-bit gradients into the fp32 masters' gradients, freeing them: once at the
+        step, or after every micro-batch to sum them in fp32 (:mod:`mpo.train.grad_accum`)."""
         for parameter, master in self.masters.items():
             if parameter.grad is not None:
-                master.grad = parameter.grad.float()
+                if master.grad is None:
+                    master.grad = parameter.grad.float()
+                else:
+                    master.grad.add_(parameter.grad)
                 parameter.grad = None
 
     @torch.no_grad()
@@ -111,7 +118,12 @@ def clip_grad_norm(accelerator, model: nn.Module, optimizer, max_norm: float) ->
 
     With master weights those are the fp32 masters' gradients (in the model's parameter order),
     so the norm is computed in fp32 rather than over bf16 gradients. DeepSpeed clips inside its
-    own step (``gradient_clipping``), and accelerate returns the norm it computed there.
+    own step (``gradient_clipping``, :func:`mpo.train.distributed.configure_deepspeed`); there
+    this returns ``None`` and the engine reports the norm.
+
+    ``max_norm <= 0`` means no clipping, as HF Trainer, TRL and DeepSpeed read it: the norm is
+    computed (after fp16 unscaling) and the gradients are left alone. ``clip_grad_norm_`` itself
+    would scale them by ``max_norm / norm``, stopping (0) or reversing (< 0) the training.
 
     Args:
         accelerator: the run's ``Accelerator``.
@@ -120,7 +132,11 @@ def clip_grad_norm(accelerator, model: nn.Module, optimizer, max_norm: float) ->
         max_norm: ``train.max_grad_norm``.
     """
     # accelerate's wrapper holds the optimizer built here
-    return accelerator.clip_grad_norm_(stepped_parameters(model, optimizer.optimizer), max_norm)
+    parameters = stepped_parameters(model, optimizer.optimizer)
+    if max_norm > 0 or accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.clip_grad_norm_(parameters, max_norm)
+    accelerator.unscale_gradients()
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
 
 
 def stepped_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

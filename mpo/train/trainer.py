@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from mpo.config import Recipe, eval_metric_names
+from mpo.config import Recipe, eval_metric_names, save_best_direction
 from mpo.data.batch_order import GlobalBatchOrder, MicroBatchIndices, lockstep_micro_batches
 from mpo.data.checks import load_checked_records
 from mpo.data.dataset import PreferenceDataset
@@ -52,6 +52,8 @@ from mpo.train.distributed import (
     text_hidden_size, zero_config,
 )
 from mpo.train.evaluation import EvalSums, improves
+from mpo.train.grad_accum import GradAccumulation
+from mpo.train.guards import WeightGuard, step_one_lines
 from mpo.train.metrics import MetricsWriter, StepStats
 from mpo.train.optim import build_optimizer, zero_missing_gradients
 from mpo.train.pairs import PairFetcher
@@ -120,6 +122,7 @@ class MPOTrainer:
         if resume is not None:
             self._resume(resume)
         self.start_step = self.step
+        self.weight_guard = WeightGuard(self.accelerator.unwrap_model(self.policy).model, self.accelerator)
         self.metrics = MetricsWriter(self.accelerator, recipe, self.step)
 
     def close(self) -> None:
@@ -192,7 +195,7 @@ class MPOTrainer:
             # No dataloader goes through prepare(): DeepSpeed learns batch, accumulation and
             # clipping here, before ZeRO-3 partitions the weights as they load.
             configure_deepspeed(accelerator, train.micro_batch_size, train.gradient_accumulation_steps,
-                                train.max_grad_norm, text_hidden_size(recipe.model))
+                                train.max_grad_norm, text_hidden_size(recipe.model), train.grad_accum_dtype)
         policy_model = load_policy(recipe.model)
         self.trainable, self.total_params = count_parameters(policy_model)
         self.reuse_features = recipe.forward.dedupe_vision and vision_is_frozen(policy_model)
@@ -210,6 +213,7 @@ class MPOTrainer:
             num_training_steps=self.total_steps,
         )
         self.policy, self.optimizer, self.scheduler = accelerator.prepare(policy, optimizer, scheduler)
+        self.grad_accumulation = GradAccumulation(self.policy, self.optimizer, train.grad_accum_dtype)
 
     def _setup_reference(self):
         """Where the reference log-probs come from: none (SFT only), the precomputed file, the
@@ -280,9 +284,10 @@ class MPOTrainer:
             batch = self.collate(self.fetch.resolve(items, indices)).to(accelerator.device)
             # Gradients sum over the micro-batches; DDP all-reduces (and DeepSpeed steps) on the
             # last one only, which accumulate() marks.
-            with accelerator.accumulate(self.policy):
+            with accelerator.accumulate(self.policy), self.grad_accumulation.no_sync():
                 policy_out, output = self.score(batch, delta)
                 accelerator.backward(output.loss)
+            self.grad_accumulation.after_backward()  # train.grad_accum_dtype: fp32
             if output.chosen_rewards is not None:
                 self.reward_shift.accumulate(output.chosen_rewards, output.rejected_rewards)
             stats.add(output, policy_out.logps, batch.num_tokens, batch.num_pairs)
@@ -301,7 +306,8 @@ class MPOTrainer:
         ``zero_grad`` of accelerate's wrapper are then no-ops and the engine reports the norm.
         """
         if self.text_only_vision == "skip":
-            zero_missing_gradients(self.policy)  # a step without images (mpo.train.optim)
+            zero_missing_gradients(self.policy, self.optimizer.optimizer)  # a step without images (mpo.train.optim)
+        self.grad_accumulation.reduce()
         grad_norm = clip_grad_norm(self.accelerator, self.policy, self.optimizer, self.recipe.train.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -363,7 +369,7 @@ class MPOTrainer:
         results = self.evaluate(self.eval_dataset, self.eval_fetch)
         self._print(f"step {self.step}: eval/loss {results['eval/loss']:.4f} over {results['eval/pairs']:.0f} held-out pairs")
         train = self.recipe.train
-        if train.save_best and improves(results[train.save_best], self.best and self.best["value"], train.save_best_mode):
+        if train.save_best and improves(results[train.save_best], self.best and self.best["value"], save_best_direction(train)):
             self.best = {"step": self.step, "metric": train.save_best, "value": results[train.save_best]}
             save_best(self.accelerator, self.policy, self.processor, self.recipe, self.best)
         return results
@@ -419,6 +425,10 @@ class MPOTrainer:
                 metrics = self.train_step(micro_batches)
                 elapsed = time.perf_counter() - started
                 self.step += 1
+                self.weight_guard.check(self.step)  # before this step's checkpoint or evaluation
+                if self.step == 1:
+                    for line in step_one_lines(metrics, self.loss_fn, type(self.reference).__name__):
+                        self._print(line)
                 metrics["tokens_per_s"] = metrics.pop("tokens") / elapsed
                 metrics["pairs_per_s"] = metrics.pop("pairs") / elapsed
                 metrics["epoch"] = self.step / max(1, self.order.steps_per_epoch)

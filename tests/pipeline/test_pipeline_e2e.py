@@ -380,7 +380,8 @@ def test_openai_backend_matches_local_generation(workspace: Path, tmp_path: Path
     local, remote = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
     common = ["--input", str(questions), "--image-root", str(workspace / "images"), "--batch-size", "1", *SAMPLING]
     assert main(["sample", *common, "--out", str(local), "--model", str(workspace / "model")]) == 0
-    assert main(["sample", *common, "--out", str(remote), "--backend", "openai", "--base-url", server, "--concurrency", "3"]) == 0
+    assert main(["sample", *common, "--out", str(remote), "--backend", "openai", "--base-url", server, "--concurrency", "3",
+                 "--model", str(workspace / "model")]) == 0  # the processor the server's prompts are checked against
     strip = lambda records: sorted(({k: v for k, v in r.items() if k != "config"} for r in records), key=lambda r: r["id"])  # noqa: E731
     assert strip(read_log(remote)) == strip(read_log(local))
     assert len(read_log(remote)) == 5 and all(len(r["responses"]) == 6 for r in read_log(remote))

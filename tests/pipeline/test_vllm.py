@@ -17,13 +17,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,7 +32,7 @@ from data_pipeline.dropout_ntp import continuation_request
 from data_pipeline.openai_client import OpenAIBackend
 from data_pipeline.records import SampleRecord, read_log
 from mpo.data.prompting import encode_prompt
-from loopback import free_port
+from loopback import free_port, server_process
 from prompt_cases import HEAD, KINDS, PREFIX, SYSTEM, TAIL, expected_ids, trainer_ids, write_images
 
 pytestmark = pytest.mark.slow
@@ -44,48 +40,12 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("MPO_VLLM_VENV", REPO / ".cache" / "vllm-venv"))
 REQUIRED = os.environ.get("MPO_REQUIRE_VLLM") == "1"
-START_TIMEOUT = 900  # seconds; 60-120 s on an idle 2-core machine, several times that under load
 
 
 def unavailable(reason: str) -> None:
     if REQUIRED:
         pytest.fail(f"{reason} (MPO_REQUIRE_VLLM=1)")
     pytest.skip(f"{reason}; build it with scripts/setup_vllm.sh (make vllm-venv) or point MPO_VLLM_VENV at one")
-
-
-@contextmanager
-def server_process(command: list[str], health_url: str, log_path: Path) -> Iterator[subprocess.Popen]:
-    """Starts a server in its own process group, waits for ``health_url``; stops it by PID at the end."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1")
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        deadline = time.time() + START_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"{command[0]} exited with {process.returncode} at start-up:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(health_url, timeout=5):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"{command[0]} did not answer {health_url} within {START_TIMEOUT} s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
-        yield process
-    finally:
-        # The server's engine runs in child processes: the whole group it leads goes.
-        for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                process.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
 
 
 @pytest.fixture(scope="module")
@@ -186,12 +146,20 @@ QUESTIONS = [
 ]
 
 
-def test_pipeline_stages_run_against_vllm(vllm_url, images, tmp_path):
+def test_pipeline_stages_run_against_vllm(vllm_url, model_dir, images, tmp_path, capsys):
+    """Every stage against vLLM, the server's prompt checked: its key for the tile budget found from
+    /v1/models, and its prompt token counts equal to the trainer's renderer's for every prompt shape
+    (no image, one, two; a continued prefix)."""
     questions = tmp_path / "questions.jsonl"
     questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
-    server = ["--backend", "openai", "--base-url", vllm_url, "--max-new-tokens", "24", "--max-tiles", "6", "--no-progress"]
+    server = ["--backend", "openai", "--base-url", vllm_url, "--model", str(model_dir), "--max-new-tokens", "24",
+              "--max-tiles", "6", "--no-progress"]
     sampling = ["--input", str(questions), "--image-root", str(images), "--num-samples", "3", *server]
     assert main(["sample", *sampling, "--out", str(tmp_path / "samples.jsonl")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert "server: vllm (GET /v1/models); the tile budget goes in mm_processor_kwargs.max_patches" in err
+    assert ("server prompt check: 3 of 4 request(s) rendered and counted (3 prompt shape(s)), every count equal to the "
+            "server's") in err  # the text-only story and the describe question share a shape with another
     samples = read_log(tmp_path / "samples.jsonl")
     assert sorted(r["id"] for r in samples) == ["describe", "one", "story", "two"]
     assert all(len(r["responses"]) == 3 and r["system_prompt"] == SYSTEM for r in samples)
@@ -199,6 +167,8 @@ def test_pipeline_stages_run_against_vllm(vllm_url, images, tmp_path):
     assert main(["dropout-ntp", "--samples", str(tmp_path / "samples.jsonl"), "--out", str(tmp_path / "ntp.jsonl"), *server]) == 0
     ntp = read_log(tmp_path / "ntp.jsonl")
     assert sorted(r["id"] for r in ntp) == ["describe", "story"]  # the questions without an answer
+    assert "server prompt check: 1 of 2 request(s) rendered and counted (1 prompt shape(s)), every count equal to the " \
+        "server's" in capsys.readouterr().err.splitlines()  # continued prefixes, text only
 
     assert main(["build", *sampling, "--out-dir", str(tmp_path / "mmpr")]) == 0
     summary = json.loads((tmp_path / "mmpr" / "work" / "questions" / "summary.json").read_text())

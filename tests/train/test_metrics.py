@@ -129,7 +129,7 @@ def test_console_is_one_summary_and_no_library_noise(tracked_run, tiny_model_dir
         assert noise not in console, noise
     lines = console.splitlines()
     start = lines.index("MPO run")
-    assert lines[start + 1:start + 11] == [
+    assert lines[start + 1:start + 12] == [
         f"  model         {tiny_model_dir} (175,968 parameters, 175,968 trainable)",
         "  data          19 pairs from 4 subset(s): shapes_pairs_vqa_correctness_rules 9, multi_pairs_vqa_correctness_rules 4, "
         "text_prefix_pair_sr0.5_wo_image 4, video_pairs_vqa_correctness_rules 2; 0 skipped",
@@ -137,6 +137,7 @@ def test_console_is_one_summary_and_no_library_noise(tracked_run, tiny_model_dir
         "  layout        auto (shared_prefix, or packed where it removes padding), vision once per pair",
         "  reference     a frozen copy of the starting model",
         "  precision     weights float32, mixed precision no",
+        "  gradients     summed in fp32, clipped at norm 1",
         "  processes     1 (one process)",
         "  global batch  4 pairs = micro-batch 2 x accumulation 2 x 1 process(es)",
         "  steps         2 (0.50 epochs; from step 0); 3 pair(s) per epoch do not fill a global batch and are left out",
