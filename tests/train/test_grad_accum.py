@@ -61,6 +61,7 @@ def exact_gradient(recipe: dict, accelerate_reset) -> list[torch.Tensor]:
                     parameter.grad = None
         return sums
     finally:
+        trainer.close()  # its signal handlers and run lock: train() is never called here
         accelerate_reset()
 
 
