@@ -91,7 +91,8 @@ def pair_sdpa_attention(module, query, key, value, attention_mask, scaling=None,
     masked blocks), and would hold ``R*T*T`` mask entries. Padding gets zeros.
 
     Args:
-        query: ``[R, heads, T, head_dim]``; ``key``/``value``: ``[R, kv_heads, T, head_dim]``.
+        query: ``[R, heads, T, head_dim]``; ``key``/``value``: ``[R, kv_heads, T, head_dim]``
+            (``heads`` a multiple of ``kv_heads``).
         attention_mask: unused with ``pair_blocks`` (the blocks are the mask).
         pair_blocks: :func:`pair_blocks` of the batch; without them the call is plain SDPA.
 
@@ -102,8 +103,9 @@ def pair_sdpa_attention(module, query, key, value, attention_mask, scaling=None,
         # Any other call on the model (generation, evaluation) is transformers' own SDPA, with
         # the mask transformers builds for it (the mask function is registered below too).
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)  # grouped-query heads
+    # Grouped-query heads are left to SDPA (enable_gqa): expanding the keys and values first would
+    # copy them to every query head, and the backward would keep the copies.
+    gqa = query.shape[1] != key.shape[1]
     length = query.shape[2]
     by_row: list[list[tuple[int, int, int, int]]] = [[] for _ in range(query.shape[0])]
     for row, start, prompt, chosen, rejected in pair_blocks:
@@ -123,12 +125,14 @@ def pair_sdpa_attention(module, query, key, value, attention_mask, scaling=None,
         parts = []
         for i, (start, prompt, chosen, rejected) in enumerate(blocks):
             q_head, k_head, v_head = q_parts[2 * i], k_parts[2 * i], v_parts[2 * i]
-            parts.append(F.scaled_dot_product_attention(q_head, k_head, v_head, dropout_p=dropout, is_causal=True, scale=scaling))
+            parts.append(F.scaled_dot_product_attention(q_head, k_head, v_head, dropout_p=dropout, is_causal=True, scale=scaling,
+                                                        enable_gqa=gqa))
             keys = torch.cat([k_head[:, :prompt], k_parts[2 * i + 1]], dim=1)
             values = torch.cat([v_head[:, :prompt], v_parts[2 * i + 1]], dim=1)
             # rejected token i sees the whole prompt and rejected tokens 0..i
             allowed = torch.arange(prompt + rejected, device=q_row.device)[None, :] <= prompt + torch.arange(rejected, device=q_row.device)[:, None]
-            parts.append(F.scaled_dot_product_attention(q_parts[2 * i + 1], keys, values, attn_mask=allowed, dropout_p=dropout, scale=scaling))
+            parts.append(F.scaled_dot_product_attention(q_parts[2 * i + 1], keys, values, attn_mask=allowed, dropout_p=dropout,
+                                                        scale=scaling, enable_gqa=gqa))
         parts.append(q_row.new_zeros(q_row.shape[0], length - end, q_row.shape[2]))
         outputs.append(torch.cat(parts, dim=1))
     return torch.stack(outputs).transpose(1, 2).contiguous(), None

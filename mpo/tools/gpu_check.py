@@ -141,14 +141,15 @@ def check_bench(steps: int, extra: list[str] | None = None) -> Check:
     return Check("bench", worst < 1e-2, f"{summary}; largest loss difference between paths {worst:.1e}", {"rows": rows})
 
 
-def check_mask() -> Check:
-    """``mpo memory --mask-table`` on this GPU: the step's peak with FlexAttention and both
-    builders' peaks at 2k/4k/8k/16k-token rows."""
+def check_mask(device: torch.device, model_name: str = "", lengths: tuple[int, ...] = ()) -> Check:
+    """``mpo memory --mask-table`` on ``device``: the step's peak (FlexAttention on a GPU) and both
+    builders' peaks at 2k/4k/8k/16k-token rows (or ``lengths``)."""
     from mpo.tools.memory.mask_table import DEFAULT_MODEL, LENGTHS, table
 
-    text, figures = table(DEFAULT_MODEL, LENGTHS, torch.device("cuda"))
+    lengths = lengths or LENGTHS
+    text, figures = table(model_name or DEFAULT_MODEL, lengths, device)
     print(text, flush=True)
-    longest = max(LENGTHS)
+    longest = max(lengths)
     passed = True
     for layout in ("shared_prefix", "packed"):
         old, new = (next(c for c in figures["builders"] if (c["layout"], c["length"], c["builder"]) == (layout, longest, b))
@@ -156,7 +157,7 @@ def check_mask() -> Check:
         passed &= new["tensor_bytes"] <= new["bound_bytes"] and 20 * new["tensor_bytes"] <= old["tensor_bytes"]
     steps = ", ".join(f"{s['length']} tokens {s['step_bytes'] / 2**20:.0f} MiB" for s in figures["steps"])
     builders = [c for c in figures["builders"] if c["length"] == longest and c["layout"] == "shared_prefix"]
-    summary = (f"step peaks (FlexAttention): {steps}; block mask at {longest} tokens: "
+    summary = (f"step peaks ({figures['steps'][0]['kernel']}): {steps}; block mask at {longest} tokens: "
                + " vs ".join(f"{c['builder']} {c['tensor_bytes'] / 2**20:.2f} MiB" for c in builders))
     return Check("mask", passed, summary, figures)
 
@@ -171,7 +172,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_checks(device: torch.device, bench_steps: int) -> list[Check]:
     checks = []
     runs = (("flex", lambda: check_flex(device)), ("bf16", lambda: check_bf16(device)), ("bench", lambda: check_bench(bench_steps)),
-            ("mask", check_mask))
+            ("mask", lambda: check_mask(device)))
     for name, run in runs:
         started = time.perf_counter()
         try:

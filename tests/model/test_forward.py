@@ -126,9 +126,10 @@ def test_gradients_flow_to_the_vision_tower_and_language_model(tiny_hf_model, ti
 
 def test_sparse_tied_embedding_gradient_gives_the_same_dense_gradient(tiny_hf_model, tiny_processor, tiny_pairs):
     """The tiny model ties its embeddings: with the lookup's gradient sparse, the shared weight
-    still ends with one dense gradient, equal to the dense path's (the lookup's rows added into
-    the LM head's gradient instead of into a zero [V, H] tensor first), and so is every other
-    gradient; the embedding module is flagged sparse only when tied."""
+    still ends with one dense gradient, equal to the dense path's up to the order of its float
+    additions (the lookup's rows added into the LM head's gradient instead of into a zero [V, H]
+    tensor first); every other gradient is bit for bit the same; the embedding module is flagged
+    sparse only when tied."""
     from mpo.data.layouts import collate_shared_prefix
     from mpo.model.forward import use_sparse_tied_embedding_gradient
 
@@ -143,8 +144,12 @@ def test_sparse_tied_embedding_gradient_gives_the_same_dense_gradient(tiny_hf_mo
         grads.append({name: p.grad for name, p in model.named_parameters()})
     dense, sparse = grads
     assert dense.keys() == sparse.keys()
+    shared = "model.language_model.embed_tokens.weight"  # the tied weight, listed once
     for name in dense:
-        assert_close(sparse[name], dense[name], rtol=0, atol=1e-7, msg=name)
+        if name != shared:
+            assert torch.equal(sparse[name], dense[name]), name
+    # the same sums in another order: within a few float32 roundings of its largest entry
+    assert_close(sparse[shared], dense[shared], rtol=0, atol=4 * torch.finfo(torch.float32).eps * float(dense[shared].abs().max()))
     untied = copy.deepcopy(tiny_hf_model)
     untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
     assert use_sparse_tied_embedding_gradient(untied) is False and untied.get_input_embeddings().sparse is False

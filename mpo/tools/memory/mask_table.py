@@ -106,17 +106,19 @@ def measure_builders(lengths=LENGTHS, layouts=LAYOUTS, device: torch.device = to
 
 def measure_step(model: str, length: int, device: torch.device) -> dict:
     """The measured peak of one training micro-batch of one shared-prefix row of ``length`` tokens."""
+    from transformers import AutoConfig
+
     from mpo.config import recipe_from_dict
+    from mpo.model.loading import resolve_model_path
     from mpo.tools.memory.activations import MicroBatchShape
     from mpo.tools.memory.measure import measure
-    from mpo.tools.memory.planner import read_config
 
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     recipe = recipe_from_dict({"model": {"name_or_path": model, "dtype": dtype},
                                "forward": {"layout": "shared_prefix", "attention": "auto"},
                                "train": {"micro_batch_size": 1, "mixed_precision": "bf16" if device.type == "cuda" else "no"},
                                "data": {"jsonl_path": "unread.jsonl", "max_length": length}})  # no data is read
-    config = read_config(recipe)
+    config = AutoConfig.from_pretrained(resolve_model_path(model))
     prompt, chosen, rejected = pair_of(length)
     result = measure(recipe, config, MicroBatchShape(1, 1, prompt, chosen, rejected), device)
     kernel = "FlexAttention" if device.type == "cuda" else "per-pair SDPA"
