@@ -201,3 +201,12 @@ def test_gpu_shaped_trl_head_scores_completions_as_trl_does(tiny_model_dir):
     torch.testing.assert_close(compact.entropy, every.entropy * mask, atol=1e-5, rtol=0)
     assert int((compact.log_probs != 0).sum()) == int(mask.sum()) == 7
     torch.testing.assert_close(compact_grad, every_grad, atol=1e-6, rtol=0)
+
+
+def test_bench_with_data_workers_scores_the_same(tiny_model_dir, tmp_path):
+    """--data-workers 1: each path's micro-batches decoded, tiled and tokenized by a DataLoader
+    worker ahead of its step; the same log-probs and losses as in-step data."""
+    rows = _bench(tiny_model_dir, tmp_path, "--data-workers", "1", "--paths", "auto")
+    assert list(rows) == ["plain", "auto"]
+    assert rows["auto"]["max_logp_diff"] < 1e-4 and rows["auto"]["max_loss_diff"] < 1e-5
+    assert all(seconds >= 0 for seconds in rows["auto"]["data_seconds"])

@@ -80,6 +80,7 @@ class Contender:
             counter when it runs no reference model).
         snapshot: ``() -> Snapshot`` of its trained state (taken once, after the warm-up).
         sync: after its snapshot is restored, copies the policy weights mpo's paths start from.
+        check: after the clock stops, checks what the step ran on.
     """
 
     name: str
@@ -88,6 +89,7 @@ class Contender:
     counters: tuple[TileCounter, TileCounter | None]
     snapshot: Callable[[], Snapshot]
     sync: Callable[[], None] = lambda: None
+    check: Callable[[], None] = lambda: None
 
     def tiles(self) -> tuple[int, int]:
         """``(policy tiles, reference tiles)`` encoded since the last :meth:`reset_tiles`."""
@@ -202,14 +204,18 @@ def trl_contender(name: str, args, base, processor, data: BenchData, frozen: boo
     batches = step_batches(steps, data.trl_maker(dataset, collator), args.data_workers)
     every_position = scores_every_position(device, args.trl_head)
     step_numbers = itertools.count()
+    last: list[dict[str, torch.Tensor]] = []
 
     def run() -> Outcome:
         inputs, seconds = waited(batches)
         loss = float(trl.step(inputs))
-        data.check_trl_batch(next(step_numbers), inputs)  # after the clock: mpo's token ids and tiles
+        last[:] = [inputs]
         return Outcome(loss, None, trl_work(inputs, every_position), trl_work(inputs, False), not precompute, seconds)
+
+    def check() -> None:  # mpo's token ids and tiles
+        data.check_trl_batch(next(step_numbers), last[0])
 
     counters = (TileCounter(trl.model), None if precompute else TileCounter(trl.trainer.ref_model))
     settings = trl_settings(args.trl_head, precompute, args.data_workers, device)
     return Contender(name, settings, run, counters, lambda: Snapshot(trl.model, trl.trainer.optimizer),
-                     sync=lambda: trl.model.load_state_dict(policy.model.state_dict()))
+                     sync=lambda: trl.model.load_state_dict(policy.model.state_dict()), check=check)

@@ -145,6 +145,7 @@ def bench_setting(args, scenario: Scenario, frozen: bool, base, processor, flop_
                     contender.sync()
                 contender.reset_tiles()
                 seconds, cpu_seconds, peak, outcome = timed(device, contender.run)
+                contender.check()
                 if step < args.warmup:
                     continue
                 result = results[contender.name]
@@ -171,6 +172,7 @@ def bench_setting(args, scenario: Scenario, frozen: bool, base, processor, flop_
                 snapshots[contender.name].restore()
             contender.sync()
             result.tensor_bytes = peak_tensor_bytes(contender.run)
+            contender.check()
     settings = [f"  {c.name:<16} {c.settings}" for c in contenders]
     return summarize(args, list(results.values()), scenario, frozen, device), data.pairs[args.warmup : timed_steps], settings
 
