@@ -183,7 +183,8 @@ class MPORace:
         reference = "precomputed reference log-probs (looked up)" if precomputed else (
             "reference: frozen copy run live" + (", reusing the policy's image features" if self.frozen else ""))
         settings = (f"mpo forward.layout {layout}, forward.attention {self.args.attention}, one vision pass per pair, {reference}, "
-                    f"fp32 LM head on response positions, fused AdamW, data.num_workers={self.args.data_workers}")
+                    f"fp32 LM head on response positions, sparse tied-embedding gradient (one process), fused AdamW, "
+                    f"data.num_workers={self.args.data_workers}")
         return Contender(name, settings, run, self.counters, self.snapshot)
 
 

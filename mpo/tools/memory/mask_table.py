@@ -11,8 +11,8 @@ row, 4 % padding):
   forward, reference forward, MPO loss, backward; :func:`mpo.tools.memory.measure.measure`) above
   the two models, with the attention kernel the device runs: per-pair SDPA on a CPU,
   FlexAttention (with the block mask of :mod:`mpo.model.block_mask` inside) on a GPU;
-* **block mask**: what building the row's ``BlockMask`` costs, each builder alone in a fresh
-  process: ``create_block_mask`` over the ``[T, T]`` grid (what the FlexAttention path built before)
+* **block mask**: what building the row's ``BlockMask`` costs, each builder alone:
+  ``create_block_mask`` over the ``[T, T]`` grid (what the FlexAttention path built before)
   and :func:`mpo.model.block_mask.pair_block_mask` from the pair blocks (what it builds now), as
   the peak of live torch allocations (torch's profiler on CPU, the allocator's peak on GPU), and
   the memory planner's bound (:func:`mpo.model.block_mask.block_mask_bytes`, what ``mpo memory``
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 
 import torch
@@ -90,15 +89,13 @@ def builder_case(builder: str, layout: str, length: int, device: torch.device) -
 
 
 def measure_builders(lengths=LENGTHS, layouts=LAYOUTS, device: torch.device = torch.device("cpu")) -> list[dict]:
-    """Both builders for one row per (layout, length), each case in a fresh process (so one
-    case's freed memory cannot hide the next one's)."""
+    """Both builders for one row per (layout, length): the peak of the tensors each build holds
+    above what was live before it (counted per build, so one case's memory cannot hide another's)."""
     results = []
     for layout in layouts:
         for length in lengths:
             for builder in ("create_block_mask", "pair_block_mask"):
-                command = [sys.executable, "-m", "mpo.tools.memory.mask_table", "--case", builder, layout, str(length), str(device)]
-                done = subprocess.run(command, capture_output=True, text=True, check=True)
-                figures = json.loads(done.stdout.strip().splitlines()[-1])
+                figures = builder_case(builder, layout, length, device)
                 bound = block_mask_bytes(1, length, pairs_per_row=figures["pairs"])
                 results.append({"layout": layout, "length": length, "builder": builder, **figures, "bound_bytes": bound})
     return results
@@ -149,10 +146,6 @@ def table(model: str, lengths=LENGTHS, device: torch.device = torch.device("cpu"
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["--case"]:
-        builder, layout, length, device = argv[1:5]
-        print(json.dumps(builder_case(builder, layout, int(length), torch.device(device))))
-        return 0
     parser = argparse.ArgumentParser(prog="mpo memory --mask-table", description=__doc__.splitlines()[0])
     parser.add_argument("--mask-table", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="the model of the step column (an InternVL -hf directory or builtin:<size>)")
