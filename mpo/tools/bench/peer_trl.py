@@ -166,8 +166,10 @@ class TRLRun:
 
     def __init__(self, model: nn.Module, processor, frozen_vision: bool, lr: float, bf16: bool, device: torch.device,
                  head: str = "gpu", precompute: bool = False):
-        from datasets import Dataset
+        from datasets import Dataset, disable_progress_bars
         from trl import DPOConfig, DPOTrainer
+
+        disable_progress_bars()  # TRL's passes over the placeholder dataset would print bars into the tables
 
         policy = copy.deepcopy(model).train().requires_grad_(True)
         if frozen_vision:

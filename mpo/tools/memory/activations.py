@@ -140,16 +140,16 @@ def _attention(kernel: str, text, a: int, shape: MicroBatchShape, tokens: int, r
     * ``plain`` (transformers' SDPA over padded rows): k and v expanded to every query head, and
       the [rows, 1, T, T] padding mask converted to the activation dtype;
     * ``flex`` (shared-prefix / packed rows on GPU): k and v at their key-value heads;
-    * ``sdpa`` (shared-prefix / packed rows on CPU, :func:`mpo.packing.pair_sdpa_attention`): k
-      and v expanded, the rejected blocks' ``[prompt | rejected]`` keys and values concatenated,
-      the output once per block and once joined.
+    * ``sdpa`` (shared-prefix / packed rows on CPU, :func:`mpo.model.pair_attention.pair_sdpa_attention`):
+      k and v at their key-value heads (SDPA takes the grouped heads itself), the rejected blocks'
+      ``[prompt | rejected]`` keys and values concatenated, the output once per block and once joined.
     """
     h, kv = text.hidden_size, text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
     if kernel == "plain":
         return 4 * a * h * tokens + 2 * shape.pairs * row * row * a
     if kernel == "flex":
         return (2 * h + 2 * kv) * a * tokens
-    return 5 * a * h * tokens + 2 * shape.pairs * (shape.prompt_tokens + shape.rejected_tokens) * h * a
+    return (3 * h + 2 * kv) * a * tokens + 2 * shape.pairs * (shape.prompt_tokens + shape.rejected_tokens) * kv * a
 
 
 def _vision(recipe: Recipe, config, shape: MicroBatchShape, a: int, r: int, device_type: str) -> tuple[float, float, float]:
