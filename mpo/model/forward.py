@@ -101,18 +101,42 @@ def zero_gradient_touch(model: nn.Module) -> torch.Tensor | None:
     return 0.0 * torch.stack([w.reshape(-1)[0].float() for w in weights]).sum()
 
 
+def use_sparse_tied_embedding_gradient(model: nn.Module) -> bool:
+    """Makes the input embedding's share of a tied embedding's gradient sparse; returns whether
+    the embedding is tied (nothing changes otherwise).
+
+    With tied embeddings the LM head's backward gives the shared weight a dense ``[V, H]``
+    gradient, and the embedding lookup another, mostly zeros (a row per distinct input token):
+    a second ``[V, H]`` tensor allocated, filled and added at the end of every backward (310 MB
+    and about a tenth of a text step on a CPU at InternVL3's vocabulary and hidden size 512). As a
+    sparse gradient (``nn.Embedding.sparse``), autograd adds its rows into the head's dense one
+    before the weight's gradient is accumulated, so the weight still gets one dense gradient, of
+    the same values. Only where that gradient is all that is looked at: one process without
+    DeepSpeed (DDP's reducer and ZeRO's hooks expect a sparse-flagged embedding's gradient to
+    arrive sparse).
+    """
+    embedding = model.get_input_embeddings()
+    tied = embedding.weight is model.get_output_embeddings().weight
+    if tied:
+        embedding.sparse = True
+    return tied
+
+
 def attention_inputs(batch: PreferenceBatch, kernel: str) -> dict:
     """The language model's attention arguments: the 2D padding mask (plain layout), a
-    FlexAttention ``BlockMask`` (``flex``), or the pair blocks that :func:`mpo.packing.pair_sdpa_attention`
-    reads (``sdpa``, passed through transformers to every layer's attention function)."""
+    FlexAttention ``BlockMask`` (``flex``), or the pair blocks that
+    :func:`mpo.model.pair_attention.pair_sdpa_attention` reads (``sdpa``, passed through
+    transformers to every layer's attention function). The pair blocks are read off the ids once
+    and serve either kernel."""
     if batch.pair_ids is None:
         return {"attention_mask": batch.attention_mask}
+    blocks = pair_blocks(batch.pair_ids, batch.part_ids)
     if kernel == "flex":
-        return {"attention_mask": flex_block_mask(batch.pair_ids, batch.part_ids)}
+        return {"attention_mask": flex_block_mask(batch.pair_ids, batch.part_ids, blocks)}
     # An all-ones 2D mask lets transformers skip building a mask of its own (a missing one would
     # make it read the restarting position ids as packed sequences and build a dense mask).
     ones = torch.ones_like(batch.input_ids)
-    return {"attention_mask": ones, "pair_blocks": pair_blocks(batch.pair_ids, batch.part_ids)}
+    return {"attention_mask": ones, "pair_blocks": blocks}
 
 
 def sequence_logps(token_logps: torch.Tensor, segment_ids: torch.Tensor, num_pairs: int) -> SequenceLogps:
@@ -140,9 +164,11 @@ class PreferenceForward(nn.Module):
         model: an ``InternVLForConditionalGeneration`` (or a peft model around one).
         text_only_vision: what a text-only micro-batch does with the vision tower, one of
             :data:`TEXT_ONLY_VISION` (:func:`text_only_vision` picks it for a launch).
+        sparse_embedding_gradient: give a tied input embedding a sparse gradient
+            (:func:`use_sparse_tied_embedding_gradient`); one process without DeepSpeed only.
     """
 
-    def __init__(self, model: nn.Module, text_only_vision: str = "skip"):
+    def __init__(self, model: nn.Module, text_only_vision: str = "skip", sparse_embedding_gradient: bool = False):
         super().__init__()
         if text_only_vision not in TEXT_ONLY_VISION:
             raise ValueError(f"text_only_vision must be one of {TEXT_ONLY_VISION}, got {text_only_vision!r}")
@@ -150,6 +176,8 @@ class PreferenceForward(nn.Module):
         self.text_only_vision = text_only_vision
         # Scored positions get fp32 logits whatever the weights' dtype (see mpo.model.fp32_head).
         use_float32_head(base_model(model))
+        if sparse_embedding_gradient:
+            use_sparse_tied_embedding_gradient(base_model(model))
         # The language model's attention as loaded; shared-prefix and packed batches switch it to
         # the kernel their mask needs (transformers' public set_attn_implementation), plain
         # batches switch it back.

@@ -4,7 +4,8 @@ A batch carries the per-token ``pair_ids`` / ``part_ids`` rather than a ``[R, 1,
 the forward realises the rule (:func:`may_attend`) with one of two kernels (``forward.attention``), neither of which materialises a dense mask:
 
 * ``flex`` (default on CUDA): a FlexAttention ``BlockMask`` (:func:`flex_block_mask`), built on
-  the device; the fused kernel skips the blocks no query attends to.
+  the device from the pair blocks (:mod:`mpo.model.block_mask`, memory linear in the row's
+  tiles); the fused kernel skips the blocks no query attends to.
 * ``sdpa`` (default elsewhere): :func:`pair_sdpa_attention`, two SDPA calls per pair block.
 """
 
@@ -17,6 +18,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from mpo.data.layouts import CHOSEN, PAD_PAIR, REJECTED
+from mpo.model.block_mask import pair_block_mask
 
 
 def may_attend(query_pair, query_part, key_pair, key_part, query, key):
@@ -30,20 +32,34 @@ def may_attend(query_pair, query_part, key_pair, key_part, query, key):
     return (query_pair == key_pair) & (key <= query) & ~hidden
 
 
-def flex_block_mask(pair_ids: torch.Tensor, part_ids: torch.Tensor):
-    """The same rule as a FlexAttention ``BlockMask``, built on the ids' device.
-
-    Blocks where no query sees any key (other pairs of a packed row, the chosen block seen from
-    the rejected block, everything above the diagonal) are skipped by the kernel instead of being
-    computed and masked, so a packed row costs what its pairs cost separately.
-    """
-    from torch.nn.attention.flex_attention import create_block_mask
+def pair_mask_mod(pair_ids: torch.Tensor, part_ids: torch.Tensor):
+    """The rule as a FlexAttention ``mask_mod``: :func:`may_attend` of the two tokens, looked up
+    in the batch's ``[rows, T]`` ids (the kernel evaluates it on the partial tiles only)."""
 
     def mask_mod(batch, head, query, key):
         return may_attend(pair_ids[batch, query], part_ids[batch, query], pair_ids[batch, key], part_ids[batch, key], query, key)
 
+    return mask_mod
+
+
+def flex_block_mask(pair_ids: torch.Tensor, part_ids: torch.Tensor, blocks: list[tuple[int, int, int, int, int]] | None = None):
+    """The same rule as a FlexAttention ``BlockMask``, built on the ids' device from the pair
+    blocks (:func:`mpo.model.block_mask.pair_block_mask`: the tensors ``create_block_mask`` would
+    make, in memory linear in the row's tiles, not in ``T x T``).
+
+    Blocks where no query sees any key (other pairs of a packed row, the chosen block seen from
+    the rejected block, everything above the diagonal) are skipped by the kernel instead of being
+    computed and masked, so a packed row costs what its pairs cost separately.
+
+    Args:
+        pair_ids, part_ids: the batch's ``[R, T]`` ids.
+        blocks: :func:`pair_blocks` of the ids when the caller has them (computed here otherwise:
+            one copy of the ids to the host).
+    """
     rows, length = pair_ids.shape
-    return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=pair_ids.device)
+    if blocks is None:
+        blocks = pair_blocks(pair_ids, part_ids)
+    return pair_block_mask(blocks, rows, length, pair_mask_mod(pair_ids, part_ids), pair_ids.device)
 
 
 def pair_blocks(pair_ids: torch.Tensor, part_ids: torch.Tensor) -> list[tuple[int, int, int, int, int]]:
@@ -75,7 +91,8 @@ def pair_sdpa_attention(module, query, key, value, attention_mask, scaling=None,
     masked blocks), and would hold ``R*T*T`` mask entries. Padding gets zeros.
 
     Args:
-        query: ``[R, heads, T, head_dim]``; ``key``/``value``: ``[R, kv_heads, T, head_dim]``.
+        query: ``[R, heads, T, head_dim]``; ``key``/``value``: ``[R, kv_heads, T, head_dim]``
+            (``heads`` a multiple of ``kv_heads``).
         attention_mask: unused with ``pair_blocks`` (the blocks are the mask).
         pair_blocks: :func:`pair_blocks` of the batch; without them the call is plain SDPA.
 
@@ -86,8 +103,9 @@ def pair_sdpa_attention(module, query, key, value, attention_mask, scaling=None,
         # Any other call on the model (generation, evaluation) is transformers' own SDPA, with
         # the mask transformers builds for it (the mask function is registered below too).
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)  # grouped-query heads
+    # Grouped-query heads are left to SDPA (enable_gqa): expanding the keys and values first would
+    # copy them to every query head, and the backward would keep the copies.
+    gqa = query.shape[1] != key.shape[1]
     length = query.shape[2]
     by_row: list[list[tuple[int, int, int, int]]] = [[] for _ in range(query.shape[0])]
     for row, start, prompt, chosen, rejected in pair_blocks:
@@ -107,12 +125,14 @@ def pair_sdpa_attention(module, query, key, value, attention_mask, scaling=None,
         parts = []
         for i, (start, prompt, chosen, rejected) in enumerate(blocks):
             q_head, k_head, v_head = q_parts[2 * i], k_parts[2 * i], v_parts[2 * i]
-            parts.append(F.scaled_dot_product_attention(q_head, k_head, v_head, dropout_p=dropout, is_causal=True, scale=scaling))
+            parts.append(F.scaled_dot_product_attention(q_head, k_head, v_head, dropout_p=dropout, is_causal=True, scale=scaling,
+                                                        enable_gqa=gqa))
             keys = torch.cat([k_head[:, :prompt], k_parts[2 * i + 1]], dim=1)
             values = torch.cat([v_head[:, :prompt], v_parts[2 * i + 1]], dim=1)
             # rejected token i sees the whole prompt and rejected tokens 0..i
             allowed = torch.arange(prompt + rejected, device=q_row.device)[None, :] <= prompt + torch.arange(rejected, device=q_row.device)[:, None]
-            parts.append(F.scaled_dot_product_attention(q_parts[2 * i + 1], keys, values, attn_mask=allowed, dropout_p=dropout, scale=scaling))
+            parts.append(F.scaled_dot_product_attention(q_parts[2 * i + 1], keys, values, attn_mask=allowed, dropout_p=dropout,
+                                                        scale=scaling, enable_gqa=gqa))
         parts.append(q_row.new_zeros(q_row.shape[0], length - end, q_row.shape[2]))
         outputs.append(torch.cat(parts, dim=1))
     return torch.stack(outputs).transpose(1, 2).contiguous(), None

@@ -12,6 +12,11 @@
    bf16 autocast, fp32 LM head) against fp32.
 3. **mpo bench on the GPU** (``bench``): :mod:`mpo.tools.bench.race` with its defaults there (bf16,
    FlexAttention, MFU against the GPU's bf16 peak), ``--against trl`` when TRL is installed.
+4. **The block mask's memory** (``mask``): ``mpo memory --mask-table`` on the GPU
+   (:mod:`mpo.tools.memory.mask_table`): a training step's peak with FlexAttention at
+   2k/4k/8k/16k-token rows beside ``create_block_mask``'s and the pair-block builder's; passes
+   when the builder stays under the planner's bound and under 1/20 of ``create_block_mask`` at
+   16k tokens.
 
 One summary follows, a line per check; exit 0 when every check passes, 1 otherwise. Without a CUDA
 device it prints why it skipped and exits 0 having checked nothing.
@@ -29,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from mpo.tools.bench.scenarios import INTERNVL3_VOCAB, SCENARIOS, load_bench_model, make_pairs
+from mpo.tools.bench.data import BenchData, make_records
+from mpo.tools.bench.scenarios import INTERNVL3_VOCAB, SCENARIOS, load_bench_model
 from mpo.tools.bench.race import main as bench_main
 from mpo.tools.bench.peer_trl import trl_available
 from mpo.model.forward import PreferenceForward
@@ -54,9 +60,12 @@ class Check:
 
 
 def check_pairs(processor, tile_size: int, seed: int = 0) -> list:
-    """Two image-heavy and two short text pairs (bench shapes): every block shape of a real batch."""
-    return (make_pairs(SCENARIOS["image_heavy"], processor, tile_size, 2, seed)
-            + make_pairs(SCENARIOS["text_short"], processor, tile_size, 2, seed + 1))
+    """Two image-heavy and two short text pairs (bench shapes, their images decoded and tiled from
+    JPEG files): every block shape of a real batch."""
+    with tempfile.TemporaryDirectory(prefix="mpo-gpu-check-") as directory:
+        records = (make_records(SCENARIOS["image_heavy"], processor.tokenizer, tile_size, 2, seed, Path(directory))
+                   + make_records(SCENARIOS["text_short"], processor.tokenizer, tile_size, 2, seed + 1, Path(directory)))
+        return BenchData([records], processor).pairs[0]
 
 
 def _logps_and_grads(forward: PreferenceForward, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,6 +141,27 @@ def check_bench(steps: int, extra: list[str] | None = None) -> Check:
     return Check("bench", worst < 1e-2, f"{summary}; largest loss difference between paths {worst:.1e}", {"rows": rows})
 
 
+def check_mask(device: torch.device, model_name: str = "", lengths: tuple[int, ...] = ()) -> Check:
+    """``mpo memory --mask-table`` on ``device``: the step's peak (FlexAttention on a GPU) and both
+    builders' peaks at 2k/4k/8k/16k-token rows (or ``lengths``)."""
+    from mpo.tools.memory.mask_table import DEFAULT_MODEL, LENGTHS, table
+
+    lengths = lengths or LENGTHS
+    text, figures = table(model_name or DEFAULT_MODEL, lengths, device)
+    print(text, flush=True)
+    longest = max(lengths)
+    passed = True
+    for layout in ("shared_prefix", "packed"):
+        old, new = (next(c for c in figures["builders"] if (c["layout"], c["length"], c["builder"]) == (layout, longest, b))
+                    for b in ("create_block_mask", "pair_block_mask"))
+        passed &= new["tensor_bytes"] <= new["bound_bytes"] and 20 * new["tensor_bytes"] <= old["tensor_bytes"]
+    steps = ", ".join(f"{s['length']} tokens {s['step_bytes'] / 2**20:.0f} MiB" for s in figures["steps"])
+    builders = [c for c in figures["builders"] if c["length"] == longest and c["layout"] == "shared_prefix"]
+    summary = (f"step peaks ({figures['steps'][0]['kernel']}): {steps}; block mask at {longest} tokens: "
+               + " vs ".join(f"{c['builder']} {c['tensor_bytes'] / 2**20:.2f} MiB" for c in builders))
+    return Check("mask", passed, summary, figures)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mpo gpu-check", description=__doc__.splitlines()[0])
     parser.add_argument("--bench-steps", type=int, default=3, help="timed steps per path in the bench part")
@@ -141,7 +171,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_checks(device: torch.device, bench_steps: int) -> list[Check]:
     checks = []
-    for name, run in (("flex", lambda: check_flex(device)), ("bf16", lambda: check_bf16(device)), ("bench", lambda: check_bench(bench_steps))):
+    runs = (("flex", lambda: check_flex(device)), ("bf16", lambda: check_bf16(device)), ("bench", lambda: check_bench(bench_steps)),
+            ("mask", lambda: check_mask(device)))
+    for name, run in runs:
         started = time.perf_counter()
         try:
             check = run()

@@ -200,7 +200,9 @@ class MPOTrainer:
         self.trainable, self.total_params = count_parameters(policy_model)
         self.reuse_features = recipe.forward.dedupe_vision and vision_is_frozen(policy_model)
         self.text_only_vision = text_only_vision(accelerator.num_processes, zero_config(accelerator))
-        policy = PreferenceForward(policy_model, self.text_only_vision)
+        # One process without DeepSpeed: a tied embedding's lookup gradient can stay sparse.
+        sparse_embedding = accelerator.num_processes == 1 and not deepspeed
+        policy = PreferenceForward(policy_model, self.text_only_vision, sparse_embedding_gradient=sparse_embedding)
         if not deepspeed:
             policy.to(accelerator.device)  # fp32 masters are made where their weights live
         # DeepSpeed masters 16-bit weights itself; elsewhere the optimizer does.

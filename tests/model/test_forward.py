@@ -122,3 +122,34 @@ def test_gradients_flow_to_the_vision_tower_and_language_model(tiny_hf_model, ti
     language_grads = [p.grad for n, p in trainable.named_parameters() if "language_model" in n]
     assert any(g is not None and g.abs().sum() > 0 for g in vision_grads)
     assert any(g is not None and g.abs().sum() > 0 for g in language_grads)
+
+
+def test_sparse_tied_embedding_gradient_gives_the_same_dense_gradient(tiny_hf_model, tiny_processor, tiny_pairs):
+    """The tiny model ties its embeddings: with the lookup's gradient sparse, the shared weight
+    still ends with one dense gradient, equal to the dense path's up to the order of its float
+    additions (the lookup's rows added into the LM head's gradient instead of into a zero [V, H]
+    tensor first); every other gradient is bit for bit the same; the embedding module is flagged
+    sparse only when tied."""
+    from mpo.data.layouts import collate_shared_prefix
+    from mpo.model.forward import use_sparse_tied_embedding_gradient
+
+    batch = collate_shared_prefix(list(tiny_pairs.values()), tiny_processor.tokenizer.pad_token_id)
+    grads = []
+    for sparse in (False, True):
+        model = copy.deepcopy(tiny_hf_model).requires_grad_(True)
+        out = PreferenceForward(model, sparse_embedding_gradient=sparse)(batch)
+        (out.logps.chosen_logps - 0.5 * out.logps.rejected_logps).sum().backward()
+        assert model.get_input_embeddings().sparse is sparse
+        assert not model.get_input_embeddings().weight.grad.is_sparse
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    dense, sparse = grads
+    assert dense.keys() == sparse.keys()
+    shared = "model.language_model.embed_tokens.weight"  # the tied weight, listed once
+    for name in dense:
+        if name != shared:
+            assert torch.equal(sparse[name], dense[name]), name
+    # the same sums in another order: within a few float32 roundings of its largest entry
+    assert_close(sparse[shared], dense[shared], rtol=0, atol=4 * torch.finfo(torch.float32).eps * float(dense[shared].abs().max()))
+    untied = copy.deepcopy(tiny_hf_model)
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    assert use_sparse_tied_embedding_gradient(untied) is False and untied.get_input_embeddings().sparse is False

@@ -76,3 +76,26 @@ def test_token_log_probs_hold_no_vocabulary_sized_tensor_and_have_the_true_gradi
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         head(torch.randn(5, 6, requires_grad=True), targets=targets)
     assert sorted(saved) == [5, 5, 30, 6000]  # targets, log-sum-exp, hidden states, the weight itself
+
+
+def test_bf16_weight_gradient_is_the_fp32_gradient_rounded_once():
+    """A bf16 weight's gradient rows are computed in fp32 and rounded to bf16 once (copied into
+    the bf16 gradient); an fp32 weight's are written in place. Both equal the float64 gradient of
+    the same values, within their dtype."""
+    torch.manual_seed(0)
+    hidden64 = torch.randn(7, 6, dtype=torch.float64)
+    weight64 = torch.randn(11, 6, dtype=torch.float64)
+    targets = torch.tensor([0, 10, 3, 4, 7, 5, 5])
+    expected = torch.autograd.functional.jacobian(
+        lambda w: (hidden64 @ w.T).log_softmax(-1).gather(1, targets[:, None]).sum(), weight64)
+    for dtype, atol in ((torch.float32, 1e-5), (torch.bfloat16, 0.0)):
+        hidden = hidden64.to(dtype).requires_grad_(True)
+        weight = weight64.to(dtype).requires_grad_(True)
+        _Float32TokenLogps.apply(hidden, weight, targets, 4).sum().backward()
+        assert weight.grad.dtype == dtype
+        if dtype == torch.bfloat16:  # fp32 arithmetic on the bf16 values, rounded once at the end
+            exact = torch.autograd.functional.jacobian(
+                lambda w: (hidden.detach().double() @ w.T).log_softmax(-1).gather(1, targets[:, None]).sum(), weight.detach().double())
+            assert_close(weight.grad, exact.to(torch.bfloat16), atol=atol, rtol=0)
+        else:
+            assert_close(weight.grad.double(), expected, atol=atol, rtol=0)

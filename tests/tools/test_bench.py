@@ -3,6 +3,7 @@ the CLI on the tiny model (every path scores the same log-probs and losses), one
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -13,6 +14,7 @@ from mpo.tools.bench.scenarios import SCENARIOS
 from mpo.tools.bench.race import main
 from mpo.tools.bench.ideal import shaped_pairs
 from mpo.tools.bench.measure import FlopModel, Work, pair_work, path_tiles
+from mpo.tools.bench.data import BenchData, make_records
 from mpo.tools.bench.peer_trl import trl_inputs, trl_work
 from mpo.types import EncodedPair
 
@@ -62,8 +64,8 @@ def test_trl_batch_and_work_by_hand():
     assert inputs["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0]]
     assert inputs["completion_mask"].tolist() == [[0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 0, 0]]
     assert "pixel_values" not in inputs
-    assert trl_work(PAIRS, every_position=True) == Work(24, 38, 20)
-    assert trl_work(PAIRS, every_position=False) == Work(24, 38, 7)
+    assert trl_work(inputs, every_position=True) == Work(24, 38, 20)
+    assert trl_work(inputs, every_position=False) == Work(24, 38, 7)
 
 
 def test_tiles_each_path_encodes():
@@ -118,13 +120,93 @@ def test_bench_cli_every_path_scores_what_plain_scores(tiny_model_dir, tmp_path,
         assert row["pairs_per_s"] > 0 and row["peak_mb"] >= 0
 
 
-def test_bench_against_trl_scores_the_same_loss(tiny_model_dir, tmp_path):
-    """TRL's DPOTrainer in its MPO setting on the same pairs and weights: the same loss (TRL's
-    ratio over itself 1, its full-vocabulary CPU head counted in its FLOPs)."""
+def test_bench_against_trl_scores_the_same_loss(tiny_model_dir, tmp_path, capsys):
+    """TRL's DPOTrainer in its MPO setting on the same pairs (its own collator on the decoded
+    images) and weights: the same loss, its settings printed, its GPU head (completion positions
+    only) counted in its FLOPs; no precomputed TRL on image pairs, where TRL refuses it."""
     pytest.importorskip("trl")
     rows = _bench(tiny_model_dir, tmp_path, "--against", "trl", "--paths", "auto,precomputed")
+    printed = capsys.readouterr().out
+    assert "trl              TRL DPOTrainer" in printed and "LM head: completion positions only, as on CUDA/XPU" in printed
     assert list(rows) == ["trl", "plain", "auto", "precomputed"]
-    assert rows["trl"]["ratio"] == rows["trl"]["ideal_ratio"] == 1.0 and rows["auto"]["baseline"] == "trl"
+    assert rows["trl"]["ratio"] == rows["trl"]["ideal_ratio"] == 1.0
+    assert rows["auto"]["baseline"] == rows["precomputed"]["baseline"] == "trl"
+    for row in rows.values():
+        assert row["max_loss_diff"] < 1e-5, row["path"]
+    assert rows["auto"]["ideal_ratio"] == rows["auto"]["ideal_ratio_gpu"] > 1.0
+
+
+def test_bench_against_trl_precomputing_on_text(tiny_model_dir, tmp_path):
+    """On text pairs TRL also runs with precompute_ref_log_probs, the baseline of mpo's
+    precomputed path; with --trl-head cpu TRL's head scores every position (more FLOPs here than
+    on a GPU)."""
+    pytest.importorskip("trl")
+    out = tmp_path / "bench.json"
+    assert main(["--model", str(tiny_model_dir), "--vocab-size", "2000", "--scenarios", "text_short", "--vision", "frozen",
+                 "--steps", "1", "--threads", "1", "--json", str(out), "--against", "trl", "--trl-head", "cpu",
+                 "--paths", "auto,precomputed"]) == 0
+    rows = {row["path"]: row for row in json.loads(out.read_text())["results"]}
+    assert list(rows) == ["trl", "trl_precomputed", "plain", "auto", "precomputed"]
+    assert rows["precomputed"]["baseline"] == "trl_precomputed" and rows["auto"]["baseline"] == "trl"
     for row in rows.values():
         assert row["max_loss_diff"] < 1e-5, row["path"]
     assert rows["auto"]["ideal_ratio"] > rows["auto"]["ideal_ratio_gpu"] > 1.0  # TRL's CPU head scores every position
+
+
+def test_records_reach_both_contenders_as_the_same_ids_and_tiles(tiny_model_dir, tiny_processor, tmp_path):
+    """An image-heavy step written as JPEG files: mpo's dataset cuts each image into its 7 tiles
+    (a thumbnail and a row of 6), TRL's collator sees the same token ids and tiles (once per row),
+    and a changed token id is caught."""
+    pytest.importorskip("trl")
+    records = make_records(SCENARIOS["image_heavy"], tiny_processor.tokenizer, 64, 2, seed=0, directory=tmp_path)
+    assert [len(r.images) for r in records] == [1, 1] and all(r.max_dynamic_patch == 6 for r in records)
+    data = BenchData([records], tiny_processor)
+    assert [pair.num_tiles for pair in data.pairs[0]] == [7, 7]
+    inputs = data.trl_maker(data.trl_dataset(), data.trl_collator())(0)
+    assert inputs["pixel_values"].shape[0] == 28
+    data.check_trl_batch(0, inputs)
+    inputs["input_ids"][0, inputs["attention_mask"][0].argmax()] += 1
+    with pytest.raises(AssertionError, match="step 0, row 0"):
+        data.check_trl_batch(0, inputs)
+
+
+def test_gpu_shaped_trl_head_scores_completions_as_trl_does(tiny_model_dir):
+    """TRL's fused head (trl's public add_fused_lm_head) scores every position on a CPU; the
+    compact branch the bench gives it scores the completion positions only and returns the same
+    log-probs and entropies there (zeros elsewhere) and the same gradients."""
+    pytest.importorskip("trl")
+    from trl.trainer.utils import add_fused_lm_head
+
+    from mpo.tools.bench.peer_trl import score_completions_only
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32).train()
+    outputs = ("log_probs", "entropy")
+    models = []
+    for compact in (False, True):
+        copy_ = copy.deepcopy(model)
+        add_fused_lm_head(copy_, outputs=outputs)
+        if compact:
+            score_completions_only(copy_, outputs)
+        models.append(copy_)
+    inputs = trl_inputs(PAIRS, pad_id=0)
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+    results = []
+    for copy_ in models:
+        out = copy_(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels, fused_lm_head=True)
+        out.log_probs.sum().backward()
+        results.append((out, copy_.lm_head.weight.grad))
+    (every, every_grad), (compact, compact_grad) = results
+    mask = labels[:, 1:] != -100
+    torch.testing.assert_close(compact.log_probs, every.log_probs * mask, atol=1e-6, rtol=0)
+    torch.testing.assert_close(compact.entropy, every.entropy * mask, atol=1e-5, rtol=0)
+    assert int((compact.log_probs != 0).sum()) == int(mask.sum()) == 7
+    torch.testing.assert_close(compact_grad, every_grad, atol=1e-6, rtol=0)
+
+
+def test_bench_with_data_workers_scores_the_same(tiny_model_dir, tmp_path):
+    """--data-workers 1: each path's micro-batches decoded, tiled and tokenized by a DataLoader
+    worker ahead of its step; the same log-probs and losses as in-step data."""
+    rows = _bench(tiny_model_dir, tmp_path, "--data-workers", "1", "--paths", "auto")
+    assert list(rows) == ["plain", "auto"]
+    assert rows["auto"]["max_logp_diff"] < 1e-4 and rows["auto"]["max_loss_diff"] < 1e-5
+    assert all(seconds >= 0 for seconds in rows["auto"]["data_seconds"])

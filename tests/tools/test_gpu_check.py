@@ -41,3 +41,15 @@ def test_bench_check_summarises_the_bench(tiny_model_dir):
     assert check.passed, check.summary
     assert check.summary.startswith("text_short frozen auto ") and "text_short frozen precomputed " in check.summary
     assert {row["path"] for row in check.figures["rows"]} >= {"plain", "auto", "precomputed"}
+
+
+def test_mask_check_passes_on_cpu_at_short_rows(capsys):
+    """The table gpu-check prints, on the CPU at 256 and 512 tokens: the pair-block builder under
+    its bound and under 1/20 of create_block_mask's peak."""
+    from mpo.tools.gpu_check import check_mask
+
+    check = check_mask(torch.device("cpu"), "builtin:tiny", (256, 512))
+    assert check.passed, check.summary
+    assert "block mask vs training step" in capsys.readouterr().out
+    assert check.summary.startswith("step peaks (per-pair SDPA): 256 tokens ")  # FlexAttention on a GPU
+    assert "block mask at 512 tokens: create_block_mask " in check.summary

@@ -20,13 +20,13 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 from mpo.tools.bench.scenarios import PATHS, SCENARIOS, Scenario, collators
 from mpo.tools.bench.measure import FlopModel, pair_work, path_tiles
-from mpo.tools.bench.peer_trl import trl_work
+from mpo.tools.bench.peer_trl import trl_inputs, trl_work
 from mpo.model.loading import resolve_model_path
 from mpo.types import EncodedPair
 
 
 def shaped_pairs(scenario: Scenario, image_tokens: int, count: int, seed: int) -> list[EncodedPair]:
-    """Pairs of :func:`make_pairs`' lengths for a model whose tiles feed ``image_tokens`` tokens,
+    """Pairs of the scenario's lengths for a model whose tiles feed ``image_tokens`` tokens,
     every token id 0 and every tile one pixel: for counting FLOPs only."""
     rng = random.Random(seed)
     pairs = []
@@ -58,7 +58,7 @@ def ideal_only(args) -> int:
             frozen = vision == "frozen"
             ratios = {name: 0.0 for name in names}
             for pairs in batches:
-                trl = flop_model.step(trl_work(pairs, every_position=False), *path_tiles("trl", pairs, frozen), not frozen, True)
+                trl = flop_model.step(trl_work(trl_inputs(pairs, 0), every_position=False), *path_tiles("trl", pairs, frozen), not frozen, True)
                 for name in names:
                     layout, precomputed = PATHS[name]
                     batch = collate[layout](pairs)

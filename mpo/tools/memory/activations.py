@@ -21,6 +21,9 @@ Bytes per token and layer, ``a`` being the activation size (2 in bf16 or under a
   adapters keeps nothing (it is not in the graph, see ``mpo.modeling.load_policy``).
 * the plain layout pads each row to the micro-batch's longest: every SDPA call then converts the
   [rows, 1, T, T] padding mask to the activation dtype and keeps it.
+* FlexAttention (shared-prefix and packed rows on GPU): the block mask, built from the pair
+  blocks at tile resolution (:func:`mpo.model.block_mask.block_mask_bytes`, kilobytes to a few
+  MiB; the reference's forward builds its own and frees it before the backward).
 * LM head: the scored hidden states, their target ids and fp32 log-sum-exps (``mpo.model.fp32_head`` keeps
   no [scored, vocab] logits); its backward recomputes one fp32 [scored, chunk] block of logits at
   a time, with fp32 copies of the hidden states and of their gradient.
@@ -37,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from mpo.config import Recipe
+from mpo.model.block_mask import block_mask_bytes
 from mpo.model.forward import attention_kernel
 from mpo.model.fp32_head import DEFAULT_CHUNK as HEAD_CHUNK
 
@@ -68,10 +72,13 @@ class ActivationEstimate:
     head: float
     transient: float
     """Allocated on top during the backward (the head's recomputed logits, one recomputed layer)."""
+    mask: float = 0.0
+    """The FlexAttention block mask of the policy's forward, kept for its backward (its builder's
+    peak, :func:`mpo.model.block_mask.block_mask_bytes`); none on the other kernels."""
 
     @property
     def kept(self) -> float:
-        return self.vision + self.projector + self.language + self.head
+        return self.vision + self.projector + self.language + self.head + self.mask
 
     @property
     def peak(self) -> float:
@@ -133,16 +140,16 @@ def _attention(kernel: str, text, a: int, shape: MicroBatchShape, tokens: int, r
     * ``plain`` (transformers' SDPA over padded rows): k and v expanded to every query head, and
       the [rows, 1, T, T] padding mask converted to the activation dtype;
     * ``flex`` (shared-prefix / packed rows on GPU): k and v at their key-value heads;
-    * ``sdpa`` (shared-prefix / packed rows on CPU, :func:`mpo.packing.pair_sdpa_attention`): k
-      and v expanded, the rejected blocks' ``[prompt | rejected]`` keys and values concatenated,
-      the output once per block and once joined.
+    * ``sdpa`` (shared-prefix / packed rows on CPU, :func:`mpo.model.pair_attention.pair_sdpa_attention`):
+      k and v at their key-value heads (SDPA takes the grouped heads itself), the rejected blocks'
+      ``[prompt | rejected]`` keys and values concatenated, the output once per block and once joined.
     """
     h, kv = text.hidden_size, text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
     if kernel == "plain":
         return 4 * a * h * tokens + 2 * shape.pairs * row * row * a
     if kernel == "flex":
         return (2 * h + 2 * kv) * a * tokens
-    return 5 * a * h * tokens + 2 * shape.pairs * (shape.prompt_tokens + shape.rejected_tokens) * h * a
+    return (3 * h + 2 * kv) * a * tokens + 2 * shape.pairs * (shape.prompt_tokens + shape.rejected_tokens) * kv * a
 
 
 def _vision(recipe: Recipe, config, shape: MicroBatchShape, a: int, r: int, device_type: str) -> tuple[float, float, float]:
@@ -204,6 +211,9 @@ def estimate_activations(recipe: Recipe, config, shape: MicroBatchShape, device_
     r = 2 if model.dtype != "float32" else 4
     vision, projector, vision_layer = _vision(recipe, config, shape, a, r, device_type)
     language, layer = _language(recipe, text, shape, a, r, device_type)
+    flex = recipe.forward.layout != "plain" and attention_kernel(recipe.forward.attention, torch.device(device_type)) == "flex"
+    # One shared-prefix row per pair (packed rows hold the same tiles, fewer of them empty).
+    mask = block_mask_bytes(shape.pairs, shape.prompt_tokens + shape.chosen_tokens + shape.rejected_tokens) if flex else 0
     scored = shape.pairs * (shape.chosen_tokens + shape.rejected_tokens)
     head = (r * text.hidden_size + 8 + 4) * scored
     # The head's backward holds one [scored, chunk] fp32 block and two fp32 [scored, hidden]
@@ -211,4 +221,4 @@ def estimate_activations(recipe: Recipe, config, shape: MicroBatchShape, device_
     # and their gradients.
     head_backward = 4 * scored * min(HEAD_CHUNK, text.vocab_size) + 8 * text.hidden_size * scored
     recomputed = 2 * max(layer, vision_layer) if model.gradient_checkpointing else 0.0
-    return ActivationEstimate(vision, projector, language, head, max(head_backward, recomputed))
+    return ActivationEstimate(vision, projector, language, head, max(head_backward, recomputed), mask)

@@ -70,6 +70,30 @@ class Measurement:
     seconds: float
 
 
+def peak_tensor_bytes(build, device: torch.device = torch.device("cpu")) -> int:
+    """Peak bytes of tensors live at once while ``build()`` runs on ``device``, beyond those live
+    before (what a GPU allocator must hold, without its caching): the CUDA allocator's peak on a
+    GPU; on a CPU, torch's profiler, which records every allocation and free of the CPU allocator
+    (the running sum's maximum; tensors freed during ``build`` that were allocated before it count
+    as freed)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        build()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        build()
+    live = peak = 0
+    for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
 def _synthetic_pair(config, shape: MicroBatchShape, seed: int):
     from mpo.types import EncodedPair
 

@@ -1,6 +1,7 @@
 """Per-GPU memory of a training run under each launch config, before renting any GPU.
 
     mpo memory RECIPE.yaml --world-size N [--tiles T] [--response-tokens R] [key.sub=value ...]
+    mpo memory --mask-table      # the block mask's measured memory (mpo.tools.memory.mask_table)
 
 Only the model's config is read: the model is built on the meta device (no weights, no memory),
 with the recipe's freezing and LoRA adapters applied, and its parameters counted. Communication
@@ -179,7 +180,8 @@ def _activation_lines(recipe: Recipe, parts: ActivationEstimate, shape, scale: f
         f"activations of one micro-batch ({shape.pairs} pair(s) of {shape.tiles} tiles, prompt {shape.prompt_tokens} tokens, "
         f"responses {shape.chosen_tokens}; layout {recipe.forward.layout}, checkpointing {checkpointing}) in {unit}: "
         f"vision {parts.vision / scale:.2f}, projector {parts.projector / scale:.2f}, language {parts.language / scale:.2f}, "
-        f"LM head {parts.head / scale:.2f}, backward working set {parts.transient / scale:.2f}",
+        f"LM head {parts.head / scale:.2f}, FlexAttention block mask {parts.mask / scale:.3f}, "
+        f"backward working set {parts.transient / scale:.2f}",
     ]
 
 
@@ -237,7 +239,14 @@ def measured(recipe: Recipe, tiles: int | None, response_tokens: int | None, tex
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mpo memory", description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else argv
+    if "--mask-table" in argv:
+        from mpo.tools.memory.mask_table import main as mask_table
+
+        return mask_table(argv)
+    parser = argparse.ArgumentParser(prog="mpo memory", description=__doc__.split("\n\n")[0],
+                                     epilog="mpo memory --mask-table [--model M] [--lengths ...]: the FlexAttention block "
+                                            "mask's memory beside a training step's (mpo.tools.memory.mask_table)")
     parser.add_argument("recipe", help="the training recipe (YAML)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for training")
     parser.add_argument("--world-size", type=int, required=True, help="processes (GPUs) in the run")
@@ -246,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-tokens", type=int, default=64, help="prompt tokens besides the image tokens (default 64)")
     parser.add_argument("--measure", action="store_true", help="also run one micro-batch of this shape on a random model of the config's size and print its peak")
     # Intermixed: overrides may come before or after the options.
-    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_intermixed_args(argv)
     for name in ("world_size", "tiles", "response_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
