@@ -84,6 +84,12 @@ class ModelConfig:
 
 @dataclass
 class ReferenceConfig:
+    name_or_path: str = ""
+    """The frozen reference's checkpoint; empty: the starting model (``model.name_or_path``).
+    Iterative training (``mpo iterate``, ``iterate.reference: initial``) sets it to the first
+    round's model while the policy starts from the previous round's. Loaded with the policy's
+    ``model.dtype`` and ``model.attn_implementation``; it must share the policy's vocabulary.
+    Not with LoRA, whose reference is the policy with its adapters off."""
     precomputed_path: str = ""
     """A file written by ``mpo precompute-ref``; when set, no reference model is loaded."""
     image_fingerprint: Literal["stat", "content"] = "stat"
@@ -262,6 +268,10 @@ class Recipe:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def reference_model(self) -> ModelConfig:
+        """The frozen reference's model settings: the policy's, from ``reference.name_or_path`` when set."""
+        return dataclasses.replace(self.model, name_or_path=self.reference.name_or_path or self.model.name_or_path)
+
     def to_yaml(self) -> str:
         """The whole recipe, overrides applied; :func:`load_recipe` reads it back to an equal one."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
@@ -404,6 +414,13 @@ def _validate(recipe: Recipe, source: str) -> None:
     if recipe.loss.dpo_weight == recipe.loss.bco_weight == recipe.loss.sft_weight == 0:
         raise DataError("every loss weight is 0: nothing to train", file=source)
     _validate_eval(recipe, source)
+    _validate_reference(recipe, source)
+
+
+def _validate_reference(recipe: Recipe, source: str) -> None:
+    if recipe.reference.name_or_path and recipe.model.lora.enabled:
+        raise DataError("a LoRA run's reference is its base model with the adapters off; unset reference.name_or_path "
+                        "or model.lora.enabled", file=source, field="reference.name_or_path")
 
 
 def _validate_eval(recipe: Recipe, source: str) -> None:

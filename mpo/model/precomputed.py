@@ -150,7 +150,7 @@ class Fingerprint:
             "records": len(records),
             "images": _media_digest(records, root, recipe.reference.image_fingerprint),
         }
-        model_dir = _model_dir(recipe.model)
+        model_dir = _model_dir(recipe.reference_model())  # the model the values come from
         model = {"dtype": recipe.model.dtype, "attn_implementation": recipe.model.attn_implementation}
         for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
             name = str(path.relative_to(model_dir))

@@ -25,8 +25,9 @@ from mpo.types import EncodedPair
 
 
 def default_output(recipe: Recipe) -> Path:
-    """``<data directory>/reference_logps-<model name>.safetensors``."""
-    return data_root(recipe) / f"reference_logps-{Path(recipe.model.name_or_path.replace(':', '-')).name}.safetensors"
+    """``<data directory>/reference_logps-<reference model name>.safetensors``."""
+    name = recipe.reference_model().name_or_path
+    return data_root(recipe) / f"reference_logps-{Path(name.replace(':', '-')).name}.safetensors"
 
 
 def compute(recipe: Recipe, out: Path | None) -> Path:

@@ -54,7 +54,7 @@ from mpo.train.metrics import MetricsWriter, StepStats
 from mpo.train.optim import build_optimizer, zero_missing_gradients
 from mpo.train.pairs import PairFetcher
 from mpo.train.precision import check_precision, clip_grad_norm
-from mpo.train.preflight import check_before_loading
+from mpo.train.preflight import check_before_loading, check_reference_vocabulary
 from mpo.train.skip_log import SkipLog
 from mpo.types import MPOLossOutput, PreferenceBatch
 
@@ -180,6 +180,10 @@ class MPOTrainer:
             return self.precomputed
         if self.recipe.model.lora.enabled:
             return DisabledAdapterReference(self.accelerator.unwrap_model(self.policy), self.reuse_features)
+        if self.recipe.reference.name_or_path:
+            check_reference_vocabulary(self.recipe, self.processor.tokenizer)
+            # Another checkpoint's vision tower may hold other weights: it encodes the images itself.
+            self.reuse_features = False
         return FrozenModelReference(load_frozen_reference(self.recipe, self.accelerator), self.reuse_features)
 
     def _resume(self, checkpoint: Path) -> None:
