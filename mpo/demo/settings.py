@@ -81,6 +81,19 @@ class DemoSettings:
     pref_warmup: float = 0.05
     beta: float = 0.1
 
+    # -- the rounds: each method samples its own previous round's model (iterative MPO)
+    rounds: int = 2
+    """Preference rounds. Round 1 trains each method from the SFT model on pairs from the SFT
+    model's samples (the same pairs for all); round r > 1 trains each method from its own round
+    r-1 model on pairs from that model's samples: iterative MPO, iterated rejection-sampling
+    fine-tuning (SFT on chosen), iterative DPO."""
+    reference: str = "previous"
+    """The reference of round r > 1: ``previous`` (the model the round starts from, as iterative
+    DPO does) or ``initial`` (the SFT model, every round)."""
+    fresh_questions: bool = False
+    """Round r samples the r-th slice of ``sample_questions`` train questions (wrapping around)
+    instead of the same questions every round."""
+
     # -- stage 4: greedy chain-of-thought evaluation on the held-out questions
     eval_batch: int = 64
     """Questions per greedy generate call."""
@@ -90,8 +103,17 @@ class DemoSettings:
     layout: str = "shared_prefix"
     """The trainer's forward layout (``forward.layout``): the prompt once per pair."""
 
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be at least 1, got {self.rounds}")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+REFERENCES = ("previous", "initial")
 
 
 PRESETS: dict[str, DemoSettings] = {
@@ -99,7 +121,7 @@ PRESETS: dict[str, DemoSettings] = {
     "quick": DemoSettings(
         train_images=8, test_images=4, questions_per_image=2, model_size="tiny", prompt="short",
         sft_steps=40, sft_batch=8, sft_lr=5e-3, num_samples=4, max_new_tokens=40, sample_batch=8,
-        max_pairs=2, ntp_questions=4, pref_steps=2, pref_batch=2, eval_batch=8,
+        max_pairs=2, ntp_questions=4, pref_steps=2, pref_batch=2, eval_batch=8, rounds=2,
     ),
 }
 
