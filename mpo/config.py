@@ -355,6 +355,15 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**values)
 
 
+def section_from_dict(cls: type, data: dict, prefix: str, source: str) -> Any:
+    """A config section declared like a recipe's (a dataclass with documented fields) from a
+    mapping: an unknown key is refused with the valid ones listed, a wrong type names its key."""
+    try:
+        return _build(cls, data, prefix)
+    except DataError as error:
+        raise DataError(str(error), file=source) from None
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
@@ -365,13 +374,19 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def recipe_from_dict(data: dict, overrides: list[str] | None = None, source: str = "recipe") -> Recipe:
+def with_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """A copy of ``data`` with ``dotted.key=value`` overrides applied (values parsed as YAML)."""
     data = copy.deepcopy(data or {})  # overrides must not change the caller's dict
     for item in overrides or []:
         if "=" not in item:
             raise DataError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
         _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return data
+
+
+def recipe_from_dict(data: dict, overrides: list[str] | None = None, source: str = "recipe") -> Recipe:
+    data = with_overrides(data, overrides)
     try:
         recipe = _build(Recipe, data)
     except DataError as error:
@@ -382,6 +397,11 @@ def recipe_from_dict(data: dict, overrides: list[str] | None = None, source: str
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Reads a YAML recipe and applies ``dotted.key=value`` overrides."""
+    return recipe_from_dict(read_recipe_yaml(path), overrides, str(path))
+
+
+def read_recipe_yaml(path: str | Path) -> dict:
+    """The mapping of a recipe file; a missing file or bad YAML is a one-line error."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -391,7 +411,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise DataError(f"invalid YAML: {error}".replace("\n", " "), file=str(path)) from None
     if not isinstance(data, dict):
         raise DataError("a recipe is a mapping of sections", file=str(path))
-    return recipe_from_dict(data, overrides, str(path))
+    return data
 
 
 def _validate(recipe: Recipe, source: str) -> None:

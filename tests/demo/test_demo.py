@@ -334,7 +334,7 @@ def test_settings_overrides() -> None:
         apply_overrides(DemoSettings(), ["sft_steps=1.5"])
 
 
-def _seed(seed: int, rounds: list[dict[str, float]], **accuracy: float) -> "SeedResult":
+def _seed(seed: int, rounds: list[dict[str, float]], **accuracy: float):
     from mpo.demo.results import RoundResult, SeedResult
 
     final = {**accuracy, **rounds[-1]}
