@@ -35,14 +35,17 @@ MAX_TILES = 2
 TAUGHT_LOSS = 0.1
 
 
-def write_workspace(root: Path, model_dir: Path) -> Path:
-    """Images, ``questions.jsonl``, ``eval.jsonl`` and ``model/`` (a taught copy of ``model_dir``) under ``root``."""
+def write_workspace(root: Path, model_dir: Path, taught: bool = True) -> Path:
+    """Images, ``questions.jsonl``, ``eval.jsonl`` and ``model/`` (a copy of ``model_dir``, taught
+    the TARGETS unless ``taught`` is false) under ``root``."""
     (root / "images").mkdir(parents=True)
     for name in ("a.png", "b.png"):
         Image.new("RGB", (64, 64), (200, 40, 40)).save(root / "images" / name)
     for name, lines in (("questions.jsonl", QUESTIONS), ("eval.jsonl", EVAL_QUESTIONS)):
         (root / name).write_text("".join(json.dumps(line) + "\n" for line in lines))
     shutil.copytree(model_dir, root / "model")
+    if not taught:
+        return root
     prompts = [("How many shapes are there?", 1), ("Describe the image.", 1)]
     teach(root / "model", root / "images" / "a.png", TEMPLATE, prompts, TARGETS, INTERNVL_SYSTEM_MESSAGE, MAX_TILES, TAUGHT_LOSS)
     return root
