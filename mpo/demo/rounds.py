@@ -10,7 +10,7 @@ is rejection-sampling fine-tuning, DPO alone iterated is iterative DPO.
 Layout under ``seed<N>/``: ``task/``, ``model/``, ``sft_data/``, ``sft/``, ``eval/`` (the SFT
 model's answers), then per round ``round<r>/``: ``pairs-<source>/`` (the pipeline's MMPR
 directory; ``source`` is ``sft`` in round 1, else the method sampled), ``pairs-<source>_checked/``
-(the pairs trained on, with ``right_chains_only``), ``<method>/`` (the training run; ``final/``
+(the pairs trained on, judged by their chains: ``DemoSettings.pairing``), ``<method>/`` (the training run; ``final/``
 is the model) and ``eval/<method>.jsonl``.
 """
 
@@ -28,7 +28,7 @@ from data_pipeline.pairs import CORRECTNESS_SUFFIX
 from mpo.demo.accuracy import (IMAGE_SWAP_METHODS, by_kind, changed_share, evaluate, evaluate_tallies, majority_baseline,
                                swap_images)
 from mpo.demo.chains import chain_shares
-from mpo.demo.pair_filter import keep_right_chains
+from mpo.demo.pair_filter import keep_right_chains, pair_by_chains
 from mpo.demo.results import RoundResult, Samples, SeedResult
 from mpo.demo.settings import DemoSettings
 from mpo.demo.stages import (DATASET, METHODS, LossWeights, build_model, build_pairs, generate_task, read_jsonl, task_records,
@@ -149,15 +149,20 @@ class SeedRun:
         return finals
 
     def _pairs(self, source: str, model: Path, directory: Path, number: int, round_result: RoundResult) -> str:
-        """Samples ``model``, builds its pairs (chain-checked with ``right_chains_only``) and
+        """Samples ``model``, builds its pairs (judged by their chains, ``DemoSettings.pairing``) and
         records what they hold; returns the ``meta.json`` to train on."""
         settings = self.settings
         pairs_dir = directory / f"pairs-{source}"
         built = build_pairs(model, self.task, pairs_dir, settings, self.seed, round_number=number)
         samples = Samples(source=source, pairs=built["subsets"])
         samples.build = {key: sum(s[key] for s in built["summaries"].values()) for key in BUILD_COUNTS}
-        if settings.right_chains_only:
-            kept = keep_right_chains(Path(built["meta"]), self.train_by_id, directory / f"pairs-{source}_checked")
+        checked = directory / f"pairs-{source}_checked"
+        if settings.pairing == "right_chains":
+            kept = keep_right_chains(Path(built["meta"]), self.train_by_id, checked)
+        elif settings.pairing == "chains":
+            kept = pair_by_chains(Path(built["meta"]), pairs_dir / "work" / DATASET / "matched.jsonl", self.train_by_id, checked,
+                                  settings.max_pairs, self.seed + number - 1)
+        if settings.pairing != "answer":
             built = {**built, "meta": kept["meta"]}
             samples.pairs = kept["subsets"]
             samples.build["wrong_chains_dropped"] = kept["dropped"]

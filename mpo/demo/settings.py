@@ -66,11 +66,14 @@ class DemoSettings:
     """Pairs kept per question (the pipeline's cap; MMPR uses 15)."""
     ntp_questions: int = 150
     """Describe questions turned into Dropout-NTP pairs (0: none)."""
-    right_chains_only: bool = True
-    """Keep only the correctness pairs whose chosen chain is right claim by claim, not only in its
-    final answer (``mpo.demo.pair_filter``; the pipeline's pairs stay in ``pairs/``). Measured on
-    the same 3 seeds' SFT models and samples: MPO +10.2 points over the SFT model with it, +6.8
-    without (where 56 % of the chosen responses reached the right answer through a wrong
+    pairing: str = "right_chains"
+    """How the correctness pairs are judged (``mpo.demo.pair_filter``; the pipeline's own pairs stay
+    in ``pairs-<source>/``): ``answer``, the pipeline's pairs as they are (right final answer
+    against a wrong one); ``right_chains``, those whose chosen chain is right claim by claim;
+    ``chains``, every response judged by its chain and paired again (a right chain against any
+    other parsable response, lucky right answers included). Measured on the same 3 seeds' SFT
+    models and samples: MPO +10.2 points over the SFT model with ``right_chains``, +6.8 with
+    ``answer`` (where 56 % of the chosen responses reached the right answer through a wrong
     operation); the README has the shipped default's figures."""
 
     # -- stage 3: preference training from the SFT model (MPO, and the two ablations)
@@ -106,6 +109,8 @@ class DemoSettings:
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ValueError(f"rounds must be at least 1, got {self.rounds}")
+        if self.pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}, got {self.pairing!r}")
         if self.reference not in REFERENCES:
             raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}")
 
@@ -114,6 +119,7 @@ class DemoSettings:
 
 
 REFERENCES = ("previous", "initial")
+PAIRINGS = ("answer", "right_chains", "chains")
 
 
 PRESETS: dict[str, DemoSettings] = {

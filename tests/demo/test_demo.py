@@ -120,13 +120,13 @@ def test_pairs_stage(demo_out: Path) -> None:
             samples = _lines(pairs / "work" / "shapes" / "matched.jsonl")
             assert len(samples) == QUICK.train_images * QUICK.questions_per_image
             assert all(len(record["responses"]) == QUICK.num_samples for record in samples)
-            # training used the pairs whose chosen chain is right (right_chains_only): here no
-            # correctness pairs, so the same subsets
+            # training used the pairs whose chosen chain is right (pairing: right_chains): here
+            # no correctness pairs, so the same subsets
             checked = json.loads((pairs.parent / f"pairs-{source}_checked" / "meta.json").read_text())
             recorded = result["rounds"][number - 1]["samples"][source]
             assert recorded["pairs"] == {name: entry["length"] for name, entry in checked.items()} == {
                 name: entry["length"] for name, entry in meta.items()}
-            assert QUICK.right_chains_only and recorded["build"]["wrong_chains_dropped"] == 0
+            assert QUICK.pairing == "right_chains" and recorded["build"]["wrong_chains_dropped"] == 0
             assert recorded["pass_at_k"] == pass_at_k(pairs / "work" / "shapes" / "matched.jsonl")
     assert "shapes_describe_prefix_pair_sr0.5_wo_image" in json.loads((seed / "round1" / "pairs-sft" / "meta.json").read_text())
 
@@ -422,8 +422,60 @@ def test_keep_right_chains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     new_meta = json.loads((tmp_path / "checked" / "meta.json").read_text())
     assert new_meta["s_pairs_vqa_correctness_rules"]["annotation"] == str(tmp_path / "checked" / "annotations" / "s_pairs_vqa_correctness_rules.jsonl")
     assert _lines(Path(new_meta["s_pairs_vqa_correctness_rules"]["annotation"])) == lines[:1]
-    assert new_meta["s_pairs_vqa_format_rules"] == meta["s_pairs_vqa_format_rules"]
+    # the kept subset points to the pipeline's files, its relative root resolved against the pipeline's meta.json
+    assert new_meta["s_pairs_vqa_format_rules"] == {**meta["s_pairs_vqa_format_rules"], "root": str(tmp_path / "pairs" / "task")}
     assert len(_lines(annotations / "s_pairs_vqa_correctness_rules.jsonl")) == 3  # the pipeline's pairs stay
+
+
+def test_pair_by_chains(tmp_path: Path) -> None:
+    from data_pipeline.records import ResponseJudgement, SampleRecord
+    from mpo.demo.pair_filter import pair_by_chains
+
+    record = {"id": "q", "question": "How many red or blue shapes are there?", "answer": "3",
+              "scene": [{"colour": c, "shape": "circle", "x": 8, "y": 8, "size": 12} for c in ("red", "red", "green", "blue")],
+              "cot": "red 2, green 1, blue 1. 2 + 1 = 3.\nFinal answer: 3"}
+    responses = [record["cot"],                                      # right chain
+                 "red 2, green 1, blue 1. 2 + 2 = 3.\nFinal answer: 3",  # the right answer through a wrong operation
+                 "red 2, green 1, blue 1. 2 + 2 = 4.\nFinal answer: 4",  # a wrong answer
+                 "I do not know.",                                   # unparsable
+                 record["cot"]]                                      # the right chain again
+    status = ["correct", "correct", "incorrect", "unparsable", "correct"]
+    answers = ["3", "3", "4", None, "3"]
+    sampled = SampleRecord(id="q", dataset="s", line=1, image=["q.png"], question=record["question"], prompt="<image>\nQ",
+                           system_prompt=None, answer="3", answer_format="final_answer", responses=responses,
+                           finish_reasons=["stop"] * 5, judgements=[ResponseJudgement(s, a) for s, a in zip(status, answers)])
+    describe = SampleRecord(id="d", dataset="d", line=2, image=["q.png"], question="Describe.", prompt="<image>\nD",
+                            system_prompt=None, answer=None, answer_format="final_answer", responses=["red 2."],
+                            finish_reasons=["stop"], judgements=[ResponseJudgement("unchecked", None)])
+    pipeline = tmp_path / "pairs"
+    (pipeline / "annotations").mkdir(parents=True)
+    (pipeline / "work" / "s").mkdir(parents=True)
+    (pipeline / "work" / "s" / "matched.jsonl").write_text("".join(json.dumps(r.to_json()) + "\n" for r in (sampled, describe)))
+    # the pipeline's pairs: the lucky chain is the chosen response of one of its two correctness pairs
+    correctness = [{"chosen": responses[i], "rejected": responses[2], "chosen_meta": {"id": "q"}} for i in (0, 1)]
+    (pipeline / "annotations" / "s_pairs_vqa_correctness_rules.jsonl").write_text("".join(json.dumps(x) + "\n" for x in correctness))
+    (pipeline / "annotations" / "d_prefix_pair_sr0.5_wo_image.jsonl").write_text(json.dumps({"chosen": "a", "rejected": "b"}) + "\n")
+    entry = {"root": str(tmp_path), "repeat_time": 1.0, "max_dynamic_patch": 1, "system_prompt": None}
+    meta = {"s_pairs_vqa_correctness_rules": {**entry, "annotation": "annotations/s_pairs_vqa_correctness_rules.jsonl", "length": 2},
+            "d_prefix_pair_sr0.5_wo_image": {**entry, "annotation": "annotations/d_prefix_pair_sr0.5_wo_image.jsonl", "length": 1}}
+    (pipeline / "meta.json").write_text(json.dumps(meta))
+    kept = pair_by_chains(pipeline / "meta.json", pipeline / "work" / "s" / "matched.jsonl", {"q": record}, tmp_path / "chains",
+                          max_pairs=4, seed=0)
+    # the right chain (once: its repeat adds nothing) against the lucky chain and the wrong answer,
+    # and against the unparsable response; the Dropout-NTP subset as the pipeline wrote it
+    assert kept["subsets"] == {"s_pairs_vqa_correctness_rules": 2, "s_pairs_vqa_format_rules": 1, "d_prefix_pair_sr0.5_wo_image": 1}
+    assert kept["dropped"] == 1  # the pipeline's pair whose chosen chain is wrong
+    new_meta = json.loads((tmp_path / "chains" / "meta.json").read_text())
+    pairs = _lines(Path(new_meta["s_pairs_vqa_correctness_rules"]["annotation"]))
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [(responses[0], responses[1]), (responses[0], responses[2])]
+    assert [p["rejected_meta"]["index"] for p in pairs] == [1, 2] and pairs[0]["answer_gt"] == "3"
+    [form] = _lines(Path(new_meta["s_pairs_vqa_format_rules"]["annotation"]))
+    assert (form["chosen"], form["rejected"]) == (responses[0], responses[3])
+    assert new_meta["d_prefix_pair_sr0.5_wo_image"]["annotation"] == str(pipeline / "annotations" / "d_prefix_pair_sr0.5_wo_image.jsonl")
+    assert new_meta["s_pairs_vqa_correctness_rules"]["max_dynamic_patch"] == 1
+    few = pair_by_chains(pipeline / "meta.json", pipeline / "work" / "s" / "matched.jsonl", {"q": record}, tmp_path / "few",
+                         max_pairs=1, seed=0)
+    assert few["subsets"]["s_pairs_vqa_correctness_rules"] == 1
 
 
 def test_tally_accuracy_and_pass_at_k(tmp_path: Path) -> None:
