@@ -152,7 +152,7 @@ def _iterate(args: argparse.Namespace) -> int:
     from mpo.iterate.server import ServerError
     from mpo.iterate.steps import IterateError
 
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         reports = run_rounds(setup, train)
     except TrainingFailed as failed:
@@ -164,6 +164,8 @@ def _iterate(args: argparse.Namespace) -> int:
     except (IterateError, BackendError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return EXIT_FAILED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"{len(reports) - 1} round(s) done: {setup.output_dir / 'rounds.md'}, {setup.output_dir / 'rounds.png'}")
     return 0
 

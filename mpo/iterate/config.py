@@ -71,7 +71,8 @@ class IterateConfig:
     this process."""
     vllm_python: str = ""
     """The Python of vLLM's environment (empty: ``$MPO_VLLM_VENV/bin/python`` when that is set,
-    else this Python)."""
+    else this Python). The server does not get this run's ``PYTHONPATH``, which would shadow its
+    environment's packages."""
     server_args: list[str] = field(default_factory=list)
     """Further arguments of the vLLM server, e.g. ``[--tensor-parallel-size, "8"]`` or, on CPU,
     ``[--dtype, float32, --max-model-len, "2048", --enforce-eager, --trust-request-mm-kwargs]``

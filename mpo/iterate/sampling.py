@@ -72,7 +72,8 @@ class Sampler:
             port = free_port()
             command = fill_command(server_command(self.config), model_name, port)
             print(f"starting the server on {model_name}: {' '.join(command)} (log: {log_path})", file=sys.stderr, flush=True)
-            self.server = ServedModel(command, model_name, port, log_path, self.record_path, self.config.server_timeout).start()
+            self.server = ServedModel(command, model_name, port, log_path, self.record_path, self.config.server_timeout,
+                                      own_environment=self.config.sampler == "vllm").start()
             self._backend = OpenAIBackend(self.server.url, model=model_name, concurrency=self.config.concurrency,
                                           timeout=self.config.request_timeout)
         self.backend_model = model_name

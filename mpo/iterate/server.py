@@ -73,11 +73,15 @@ class ServedModel:
         log_path: the server's stdout and stderr.
         record_path: ``server.json``, written while it runs.
         timeout: seconds it may take to answer.
+        own_environment: the server runs in an environment of its own (vLLM's venv), which this
+            run's ``PYTHONPATH`` would shadow: it is not passed on.
     """
 
-    def __init__(self, command: list[str], model: str, port: int, log_path: Path, record_path: Path, timeout: float):
+    def __init__(self, command: list[str], model: str, port: int, log_path: Path, record_path: Path, timeout: float,
+                 own_environment: bool):
         self.command, self.model, self.port = command, model, port
         self.log_path, self.record_path, self.timeout = log_path, record_path, timeout
+        self.own_environment = own_environment
         self.process: subprocess.Popen | None = None
 
     @property
@@ -85,28 +89,33 @@ class ServedModel:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> ServedModel:
-        # The server's environment is its own (vLLM's venv): this run's PYTHONPATH would shadow it.
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env = {k: v for k, v in os.environ.items() if not (self.own_environment and k == "PYTHONPATH")}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True)
         write_json_atomic(self.record_path, asdict(ServerRecord(self.process.pid, self.port, self.model, self.command,
                                                                 str(self.log_path))))
+        try:
+            self._wait_until_ready()
+        except BaseException:  # Ctrl-C or SIGTERM while it starts: it must not outlive this run
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_ready(self) -> None:
         deadline = time.monotonic() + self.timeout
         while True:
             if self.process.poll() is not None:
                 code = self.process.returncode
-                self.stop()
                 raise ServerError(f"the server on {self.model} exited with {code} at start-up; see its log {self.log_path}",
                                   _log_tail(self.log_path))
             try:
                 with urllib.request.urlopen(self.url + "/v1/models", timeout=5):
-                    return self
+                    return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             if time.monotonic() > deadline:
-                self.stop()
                 raise ServerError(f"the server on {self.model} did not answer {self.url}/v1/models within {self.timeout:.0f} s "
                                   f"(iterate.server_timeout); see its log {self.log_path}", _log_tail(self.log_path))
             time.sleep(1)

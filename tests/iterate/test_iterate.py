@@ -220,3 +220,29 @@ def test_a_killed_run_resumes_and_stops_its_server(workspace: Path) -> None:
     assert recipe["model"]["name_or_path"] == record["model"]
     # every server this run started was stopped: none is left serving either round's model
     assert "starting the server on" in resumed.stderr and "stopping the server on" in resumed.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_server_it_started(workspace: Path) -> None:
+    # A preempted job gets SIGTERM: the run ends as interrupted (130) and stops its server on the way out.
+    out = workspace / "terminated"
+    command = [sys.executable, "-m", "data_pipeline", "serve", "--model", "{model}", "--served-model-name", "{model}",
+               "--port", "{port}", "--host", "127.0.0.1"]
+    config = write_config(workspace, out, "server", server_command=command, server_timeout=300.0)
+    with open(workspace / "terminated.log", "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "mpo", "iterate", str(config)], stdout=log, stderr=subprocess.STDOUT,
+                                   env=_child_env(), cwd=REPO)
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "server.json").exists():
+            assert process.poll() is None, (workspace / "terminated.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no server started in 10 minutes"
+            time.sleep(0.1)
+        pid = json.loads((out / "server.json").read_text())["pid"]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not _alive(pid) and not (out / "server.json").exists()
+    assert (workspace / "terminated.log").read_text().splitlines()[-1] == "error: interrupted"
