@@ -16,6 +16,7 @@ $(BIN)/mpo: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e .
 	touch $(BIN)/mpo
+	@echo "mpo and mpo-data are installed in $(VENV): run 'source $(VENV)/bin/activate' to use them"
 
 setup: $(BIN)/mpo
 

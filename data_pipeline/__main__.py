@@ -85,12 +85,17 @@ def add_prompt_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--system-prompt", default="auto", help=SYSTEM_PROMPT_CHOICES + " (written to meta.json for the trainer)")
 
 
-def add_generation_args(p: argparse.ArgumentParser, temperature: float) -> None:
+def add_generation_args(p: argparse.ArgumentParser, temperature: float, continuing: bool = False) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--temperature", type=float, default=temperature, help="sampling temperature (0: greedy)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     g.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
-    g.add_argument("--max-new-tokens", type=int, default=1024, help="longest response, in tokens")
+    if continuing:
+        g.add_argument("--max-new-tokens", type=int, default=None,
+                       help="longest continuation, in tokens (default: the limit the samples were drawn with, which the "
+                            "sample logs record; 1024 for logs that do not)")
+    else:
+        g.add_argument("--max-new-tokens", type=int, default=1024, help="longest response, in tokens")
     g.add_argument("--max-tiles", type=int, default=6,
                    help="InternVL max_dynamic_patch, shared by a prompt's images (12 for charts/documents)")
     g.add_argument("--seed", type=int, default=0, help="seeds the sampling")
@@ -174,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", nargs="+", required=True, help="sample logs (questions without an answer are used)")
     p.add_argument("--out", required=True, help="continuation log (JSONL); rerun to resume")
     add_ntp_args(p)
-    add_generation_args(p, temperature=1.0)
+    add_generation_args(p, temperature=1.0, continuing=True)
 
     p = sub.add_parser("pair", formatter_class=Defaults, help="build pairs and write the MMPR annotations and meta.json")
     p.add_argument("--matched", required=True, help="output of match")

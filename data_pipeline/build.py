@@ -21,10 +21,12 @@ shared filesystem) and every setting except ``--shard``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from data_pipeline.dropout_ntp import NTPSettings, continue_without_image, needs_ntp, ntp_pairs, subset_suffix
+from data_pipeline.generation import LoopStats
 from data_pipeline.judging import MatchStats, match_records, merge_sample_logs
 from data_pipeline.mmpr import group_by_dataset, write_mmpr
 from data_pipeline.pairs import CORRECTNESS_SUFFIX, FORMAT_SUFFIX, PairStats, build_answer_pairs
@@ -237,11 +239,18 @@ def run_build(
     skip_bad: bool = False,
     progress: bool = True,
     max_image_pixels: int = MAX_IMAGE_PIXELS,
+    on_sampled: Callable[[LoopStats], None] | None = None,
 ) -> Summary | None:
-    """Runs every stage; returns the summary, or None when other shards still have work."""
+    """Runs every stage; returns the summary, or None when other shards still have work.
+
+    Args:
+        on_sampled: called with the sample stage's counts and time (the command prints the rate).
+    """
     # Inputs skipped here land in the log as "skipped" records, which the summary reads back.
-    sample_questions(questions, image_root, backend, sample_settings, paths.sample_log(shard),
-                     shard, skip_bad, progress, max_image_pixels)
+    stats, _ = sample_questions(questions, image_root, backend, sample_settings, paths.sample_log(shard),
+                                shard, skip_bad, progress, max_image_pixels)
+    if on_sampled is not None:
+        on_sampled(stats)
     sampled, _ = split_skipped(read_log(paths.sample_log(shard)))
     continue_without_image(sampled, backend, ntp_settings, paths.ntp_log(shard), shard, progress)
 

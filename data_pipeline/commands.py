@@ -9,7 +9,8 @@ from pathlib import Path
 
 from data_pipeline.backends import SamplingParams, model_identity
 from data_pipeline.build import BuildPaths, PairSettings, Summary, assemble, run_build
-from data_pipeline.dropout_ntp import NTPSettings, continue_without_image
+from data_pipeline.dropout_ntp import NTPSettings, continue_without_image, needs_ntp
+from data_pipeline.generation import LoopStats, rate_line
 from data_pipeline.judging import match_records, merge_sample_logs, tally
 from data_pipeline.match import parse_modes
 from data_pipeline.pass_rates import render_histogram, write_pass_rates
@@ -135,8 +136,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _log(f"sample: {stats.items} questions in shard {args.shard.tag}: {stats.already_done} were done, "
          f"{stats.written} written now; {len(bad_lines) + len(bad)} bad inputs skipped -> {args.out}")
     if stats.samples:
-        _log(f"sample: {stats.samples} samples in {stats.generation_seconds:.1f} s of generation: "
-             f"{stats.samples / stats.generation_seconds:.2f} samples/s ({args.backend} backend)")
+        _log(rate_line("sample", stats, args.backend))
     return 0
 
 
@@ -160,8 +160,21 @@ def cmd_match(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ntp_token_limit(records: list[SampleRecord]) -> int:
+    """Dropout-NTP's default ``--max-new-tokens``: the largest limit its questions were sampled with
+    (a continuation finishes a response drawn under it)."""
+    limits = {r.max_new_tokens for r in records if needs_ntp(r) and r.max_new_tokens is not None}
+    if limits:
+        _log(f"dropout-ntp: --max-new-tokens {max(limits)}, the limit the samples were drawn with")
+        return max(limits)
+    _log("dropout-ntp: --max-new-tokens 1024: the sample logs do not record their limit (written before they did)")
+    return 1024
+
+
 def cmd_dropout_ntp(args: argparse.Namespace) -> int:
     records, _ = split_skipped(merge_sample_logs(_read_logs(args.samples)))
+    if args.max_new_tokens is None:
+        args.max_new_tokens = _ntp_token_limit(records)
     backend = LazyBackend(args)
     try:
         stats = continue_without_image(records, backend, _ntp_settings(args), args.out, args.shard, not args.no_progress)
@@ -191,11 +204,16 @@ def cmd_build(args: argparse.Namespace) -> int:
     questions, bad_lines, image_root, name = _questions(args)
     paths = BuildPaths.of(args.out_dir, name)
     backend = LazyBackend(args)
+
+    def sampled(stats: LoopStats) -> None:
+        if stats.samples:
+            _log(rate_line("build", stats, args.backend))
+
     try:
         summary = run_build(
             questions, bad_lines, image_root, paths, backend, _sample_settings(args), _ntp_settings(args),
             PairSettings(args.max_pairs, args.seed, args.answer_fix), parse_modes(args.mode), args.threshold,
-            args.shard, args.skip_bad, not args.no_progress, args.max_image_pixels,
+            args.shard, args.skip_bad, not args.no_progress, args.max_image_pixels, on_sampled=sampled,
         )
     finally:
         backend.close()

@@ -39,6 +39,12 @@ class LoopStats:
     generation_seconds: float = 0.0  # wall time inside the backend
 
 
+def rate_line(stage: str, stats: LoopStats, backend: str) -> str:
+    """The generation rate of a run: ``sample: 96 samples in 12.0 s of generation: 8.00 samples/s (...)``."""
+    return (f"{stage}: {stats.samples} samples in {stats.generation_seconds:.1f} s of generation: "
+            f"{stats.samples / stats.generation_seconds:.2f} samples/s ({backend} backend)")
+
+
 @dataclass(frozen=True)
 class WorkItem(Generic[Item]):
     """One unit of work: its id, what to generate (None when it needs no generation), the payload."""

@@ -2,7 +2,11 @@
 
 ``meta.json`` maps each subset name to ``{"root": image dir, "annotation": jsonl path,
 "repeat_time": 1.0, "length": lines, "max_dynamic_patch": tiles, "system_prompt": text | null}``
-(paths absolute, so the trainer can run from anywhere; ``max_dynamic_patch`` is the tile budget the
+(paths relative to meta.json's folder, which the trainer reads them from: the annotations always
+(``annotations/<subset>.jsonl``), the image root when it lies inside the folder above
+(``--image-root data/images --out-dir data/mmpr`` gives ``../images``), so the built folder moves
+with that folder; a root elsewhere, e.g. on a shared filesystem, stays absolute.
+``max_dynamic_patch`` is the tile budget the
 responses were sampled with, so training tiles the images as the model saw them, and
 ``system_prompt`` the system message they were sampled with, which the trainer then renders its
 prompts with). Several builds may write into one output directory (one per input file, or per
@@ -63,9 +67,18 @@ def update_meta(out_dir: str | os.PathLike, entries: dict[str, dict | None]) -> 
     return meta
 
 
-def meta_entry(image_root: str | os.PathLike, annotation: Path, length: int, max_tiles: int,
+def path_in_meta(out_dir: str | os.PathLike, path: str | os.PathLike) -> str:
+    """How ``out_dir/meta.json`` names ``path``: relative to ``out_dir`` when ``path`` lies inside the
+    folder above it (they move together), else absolute."""
+    out_dir, path = Path(os.path.abspath(out_dir)), Path(os.path.abspath(path))
+    if path == out_dir.parent or out_dir.parent in path.parents:
+        return os.path.relpath(path, out_dir)
+    return str(path)
+
+
+def meta_entry(out_dir: str | os.PathLike, image_root: str | os.PathLike, annotation: Path, length: int, max_tiles: int,
                system_prompt: str | None) -> dict:
-    return {"root": os.path.abspath(image_root), "annotation": os.path.abspath(annotation), "repeat_time": 1.0,
+    return {"root": path_in_meta(out_dir, image_root), "annotation": path_in_meta(out_dir, annotation), "repeat_time": 1.0,
             "length": length, "max_dynamic_patch": max_tiles, "system_prompt": system_prompt}
 
 
@@ -81,7 +94,7 @@ def write_mmpr(out_dir: str | os.PathLike, image_root: str | os.PathLike, subset
     report = {}
     for name, pairs in subsets.items():
         path, count, dropped = write_subset(out_dir, name, pairs)
-        entries[name] = meta_entry(image_root, path, count, max_tiles, system_prompts[name]) if path else None
+        entries[name] = meta_entry(out_dir, image_root, path, count, max_tiles, system_prompts[name]) if path else None
         report[name] = {"pairs": count, "duplicates": dropped, "path": str(path) if path else None}
     update_meta(out_dir, entries)
     return report

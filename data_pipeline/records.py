@@ -74,6 +74,7 @@ class SampleRecord:
     responses: list[str]
     finish_reasons: list[str]
     max_tiles: int | None = None  # the tile budget the responses were sampled with (absent in old logs)
+    max_new_tokens: int | None = None  # the token limit they were sampled with (absent in old logs); Dropout-NTP's default
     system_prompt: str | None = None  # the system message sampled with (None: none; logs from before it was recorded)
     prompt_version: str | None = None  # the CoT template: v1, v2 or custom (None: logs from before it was recorded)
     modes: list[str] = field(default_factory=list)  # set by the match stage

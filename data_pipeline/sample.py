@@ -140,6 +140,7 @@ def sample_questions(
             responses=list(generation.texts),
             finish_reasons=list(generation.finish_reasons),
             max_tiles=settings.params.max_tiles,
+            max_new_tokens=settings.params.max_new_tokens,
         ).to_json()
 
     counts = {"samples": 0}

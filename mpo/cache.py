@@ -1,7 +1,7 @@
 """Where things this project builds are kept: ``$MPO_CACHE``, default ``~/.cache/mpo``.
 
 The tiny ``builtin:<size>`` checkpoints (:mod:`mpo.model.tiny`) and the images embedded in a
-TRL-format dataset (:mod:`mpo.data.trl_dataset`) are written there once and reused.
+preference dataset (:mod:`mpo.data.preference_files`) are written there once and reused.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from mpo.errors import DataError
+from mpo.hf_names import spelling_of, suggestion, value_hint
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -85,11 +86,8 @@ class ModelConfig:
 @dataclass
 class ReferenceConfig:
     name_or_path: str = ""
-    """The frozen reference's checkpoint; empty: the starting model (``model.name_or_path``).
-    Iterative training (``mpo iterate``, ``iterate.reference: initial``) sets it to the first
-    round's model while the policy starts from the previous round's. Loaded with the policy's
-    ``model.dtype`` and ``model.attn_implementation``; it must share the policy's vocabulary.
-    Not with LoRA, whose reference is the policy with its adapters off."""
+    """The frozen reference's checkpoint (empty: the starting model), with the policy's ``model.*`` settings and
+    vocabulary (``mpo iterate``'s ``reference: initial``). Not with LoRA: its reference is the adapters off."""
     precomputed_path: str = ""
     """A file written by ``mpo precompute-ref``; when set, no reference model is loaded."""
     image_fingerprint: Literal["stat", "content"] = "stat"
@@ -110,8 +108,10 @@ class DataConfig:
     jsonl_path: str = ""
     """A single annotation JSONL, its images under ``image_root``."""
     dataset_path: str = ""
-    """A local HF dataset in TRL's preference columns (prompt, chosen, rejected, images): a
-    ``save_to_disk`` directory, a parquet or arrow file, or a directory of them."""
+    """Preference rows of TRL (prompt, chosen, rejected, images), ms-swift (messages,
+    rejected_response, images) or LLaMA-Factory (conversations, chosen, rejected, images), the
+    format read from the columns: a JSONL, JSON, parquet or arrow file, a ``save_to_disk``
+    directory, or a directory of such files."""
     dataset_split: str = "train"
     """The split of a ``save_to_disk`` DatasetDict that ``dataset_path`` names."""
     image_root: str = ""
@@ -257,7 +257,8 @@ class Recipe:
     seed: int = 42
     """Seeds the pair order, the ``repeat_time`` samples and every RNG."""
     report_to: list[Tracker] = field(default_factory=list, metadata={"one_or_many": True})
-    """Experiment trackers (accelerate's) besides metrics.jsonl: a list, one name, or ``none``."""
+    """Experiment trackers (accelerate's) besides metrics.jsonl: a list (``[wandb, tensorboard]`` or
+    ``wandb,tensorboard``), one name, or ``none``."""
     project: str = "mpo"
     """The trackers' project (W&B project, MLflow experiment, tensorboard sub-directory)."""
     run_name: str = ""
@@ -267,10 +268,6 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def reference_model(self) -> ModelConfig:
-        """The frozen reference's model settings: the policy's, from ``reference.name_or_path`` when set."""
-        return dataclasses.replace(self.model, name_or_path=self.reference.name_or_path or self.model.name_or_path)
 
     def to_yaml(self) -> str:
         """The whole recipe, overrides applied; :func:`load_recipe` reads it back to an equal one."""
@@ -340,24 +337,69 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
+def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every settable dotted key under ``cls`` (``train.lr``, ``model.lora.r``, ...)."""
+    hints, keys = typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        nested = hints[f.name]
+        keys += _leaf_keys(nested, prefix + f.name + ".") if dataclasses.is_dataclass(nested) else [prefix + f.name]
+    return keys
+
+
+def _unknown_key(key: str, prefix: str, fields: dict) -> DataError:
+    """The error for an unknown key: the key a peer's spelling means or a near spelling, else the
+    section's valid keys."""
+    dotted = prefix + key
+    spelling = spelling_of(key)
+    if spelling is None:
+        # A key without its section (`lr` for `train.lr`) is found by its name alone.
+        same = [k for k in _leaf_keys(Recipe) if k.rsplit(".", 1)[-1] == key and k != dotted]
+        if len(same) == 1:
+            return DataError(f"unknown key {dotted}: did you mean {same[0]}?")
+    hint = suggestion(dotted, _leaf_keys(Recipe))
+    if spelling is not None:
+        return DataError(f"unknown key {dotted}: {hint}")
+    valid = ", ".join(prefix + n for n in fields)
+    if hint:
+        return DataError(f"unknown key {dotted}: {hint}; valid keys here: {valid}")
+    return DataError(f"unknown key {dotted}; valid keys here: {valid}")
+
+
+def _one_or_many(value: Any) -> Any:
+    """HF Trainer's spellings of a list: ``none`` (or nothing), one name, ``a,b``; a list as it is."""
+    if value is None or value == "none":
+        return []
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+LIST_SYNTAX = "a list: report_to=wandb,tensorboard or report_to=[wandb, tensorboard]; report_to=none for none"
+
+
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise DataError(f"unknown key {prefix}{unknown[0]!s}; valid keys here: {', '.join(prefix + n for n in fields)}")
+        raise _unknown_key(str(unknown[0]), prefix, fields)
     values = {}
     for key, value in data.items():
-        if fields[key].metadata.get("one_or_many") and isinstance(value, str):
-            # HF Trainer's spelling: `report_to: wandb`, `report_to: none`.
-            value = [] if value == "none" else [value]
+        hint = value_hint(prefix + key, value)
+        if hint is not None:
+            raise DataError(hint, field=prefix + key)
+        if fields[key].metadata.get("one_or_many"):
+            try:
+                values[key] = _convert(_one_or_many(value), hints[key], prefix + key)
+            except DataError as error:
+                raise DataError(f"{error.reason} ({LIST_SYNTAX})", field=error.field) from None
+            continue
         values[key] = _convert(value, hints[key], prefix + key)
     return cls(**values)
 
 
 def section_from_dict(cls: type, data: dict, prefix: str, source: str) -> Any:
-    """A config section declared like a recipe's (a dataclass with documented fields) from a
-    mapping: an unknown key is refused with the valid ones listed, a wrong type names its key."""
+    """A section declared like a recipe's (documented dataclass fields), its keys and types checked as a recipe's."""
     try:
         return _build(cls, data, prefix)
     except DataError as error:
@@ -386,11 +428,7 @@ def with_overrides(data: dict, overrides: list[str] | None) -> dict:
 
 
 def recipe_from_dict(data: dict, overrides: list[str] | None = None, source: str = "recipe") -> Recipe:
-    data = with_overrides(data, overrides)
-    try:
-        recipe = _build(Recipe, data)
-    except DataError as error:
-        raise DataError(str(error), file=source) from None
+    recipe = section_from_dict(Recipe, with_overrides(data, overrides), "", source)
     _validate(recipe, source)
     return recipe
 
@@ -433,14 +471,10 @@ def _validate(recipe: Recipe, source: str) -> None:
         raise DataError("loss weights must be >= 0", file=source)
     if recipe.loss.dpo_weight == recipe.loss.bco_weight == recipe.loss.sft_weight == 0:
         raise DataError("every loss weight is 0: nothing to train", file=source)
-    _validate_eval(recipe, source)
-    _validate_reference(recipe, source)
-
-
-def _validate_reference(recipe: Recipe, source: str) -> None:
     if recipe.reference.name_or_path and recipe.model.lora.enabled:
         raise DataError("a LoRA run's reference is its base model with the adapters off; unset reference.name_or_path "
                         "or model.lora.enabled", file=source, field="reference.name_or_path")
+    _validate_eval(recipe, source)
 
 
 def _validate_eval(recipe: Recipe, source: str) -> None:

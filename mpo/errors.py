@@ -1,7 +1,7 @@
 """The one error type for bad user input (it names the file, the line and the field), and the
 exit codes every command shares.
 
-Exit codes, the same for ``mpo`` and ``mpo-data``:
+Exit codes, the same for mpo and mpo-data:
 
     0    done
     1    the job failed while running: a crash (its traceback is printed), a launched process

@@ -20,6 +20,9 @@ class PreferenceRecord:
         source: ``"<annotation file>:<line number>"``, for error messages and reports.
         max_dynamic_patch: the tile budget for this record's images.
         system_prompt: the system message text, or ``None`` for no system turn.
+        rendered_prompt: the prompt as the data gave it already rendered (a TRL string prompt
+            holding the chat template's tokens, :mod:`mpo.data.rendered`), which the checkpoint's
+            template must reproduce; ``None`` for every other record.
     """
 
     question: str
@@ -30,6 +33,7 @@ class PreferenceRecord:
     source: str = ""
     max_dynamic_patch: int = 12
     system_prompt: str | None = None
+    rendered_prompt: str | None = None
 
 
 @dataclass

@@ -75,7 +75,7 @@ def test_unknown_key_lists_the_valid_keys_of_its_section(tmp_path):
     with pytest.raises(DataError) as caught:
         load_recipe(path)
     message = str(caught.value)
-    assert message.startswith(f"{path}: unknown key train.lrr")
+    assert message.startswith(f"{path}: unknown key train.lrr: did you mean train.lr?; valid keys here: train.lr,")
     assert "\n" not in message
     for name in (f.name for f in dataclasses.fields(TrainConfig)):
         assert f"train.{name}" in message
@@ -85,12 +85,12 @@ def test_unknown_key_lists_the_valid_keys_of_its_section(tmp_path):
 def test_unknown_top_level_and_nested_keys():
     with pytest.raises(DataError, match=r"unknown key optimizer; valid keys here: model, reference, data, loss"):
         recipe_from_dict(_minimal(optimizer={"name": "adamw"}))
-    with pytest.raises(DataError, match=r"unknown key model\.lora\.rank; .*model\.lora\.r,"):
+    with pytest.raises(DataError, match=r"unknown key model\.lora\.rank: did you mean model\.lora\.r\?; .*model\.lora\.r,"):
         recipe_from_dict(_minimal(model={"lora": {"rank": 8}}))
 
 
 def test_unknown_key_in_an_override():
-    with pytest.raises(DataError, match=r"unknown key loss\.betta; .*loss\.beta"):
+    with pytest.raises(DataError, match=r"unknown key loss\.betta: did you mean loss\.beta\?; .*loss\.beta"):
         recipe_from_dict(_minimal(), ["loss.betta=0.2"])
 
 
@@ -185,7 +185,7 @@ def test_bad_overrides():
         ({"model": {"name_or_path": ""}}, "model.name_or_path is required"),
         ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size: must be at least 1"),
         ({"train": {"gradient_accumulation_steps": 0}}, "train.gradient_accumulation_steps: must be at least 1"),
-        ({"train": {"max_steps": -1}}, "train.max_steps > 0 or train.num_epochs > 0"),
+        ({"train": {"max_steps": -2}}, "train.max_steps > 0 or train.num_epochs > 0"),
         ({"train": {"num_epochs": 0.0}}, "train.max_steps > 0 or train.num_epochs > 0"),
         ({"loss": {"bco_weight": -0.2}}, "loss weights must be >= 0"),
         ({"loss": {"dpo_weight": 0.0, "bco_weight": 0.0, "sft_weight": 0.0}}, "every loss weight is 0"),

@@ -1,13 +1,6 @@
 """``mpo``: one console command, a subcommand per job; ``mpo COMMAND --help`` describes each.
 
-Exit codes, the same for mpo and mpo-data (:mod:`mpo.errors`):
-
-    0    done
-    1    the job failed while running: a crash (its traceback is printed), a launched process
-         that died, a model or server that failed, a run that produced nothing
-    2    usage or bad input: an unknown command, flag or recipe key, a bad value, a bad data
-         line; the last line says what to change
-    130  interrupted (Ctrl-C)
+Its exit codes, the same for mpo and mpo-data, are :mod:`mpo.errors`'s (``mpo --help`` lists them).
 """
 
 from __future__ import annotations
@@ -19,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from mpo import __version__
+from mpo import __version__, errors
 from mpo.errors import ERROR_DIR_ENV, EXIT_BAD_INPUT, EXIT_INTERRUPTED, DataError
 from mpo.jsonl import write_text_atomic
 
@@ -65,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpo",
         description="Mixed Preference Optimization for InternVL: training, its tools and the CPU demo.",
-        epilog=__doc__.split("\n\n", 1)[1] + "\nPreference data is built by `mpo-data` (mpo-data --help).",
+        epilog=errors.__doc__.split("\n\n", 1)[1] + "\nPreference data is built by `mpo-data` (mpo-data --help).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"mpo {__version__}")

@@ -15,6 +15,9 @@ import sys
 from mpo.config_keys import format_recipe_keys
 from mpo.config import load_recipe
 from mpo.cli.main import exit_on_data_error
+from mpo.hf_names import flag_hint
+
+LAUNCH_FLAGS = ("--launch", "--num-processes", "--num-machines", "--machine-rank", "--main-process-ip", "--main-process-port")
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -42,7 +45,17 @@ def train_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``mpo train`` (also ``python -m mpo.train``, which ``accelerate launch`` runs)."""
-    args = train_parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = train_parser()
+    args, unknown = parser.parse_known_intermixed_args(argv)
+    flags = [token for token in unknown if token.startswith("-")]
+    if flags:
+        # HF habits (`--learning_rate 5e-6`, `--num_processes 2`): answered with the spelling here.
+        after = argv[argv.index(flags[0]) + 1 :][:1]
+        value = after[0] if after and not after[0].startswith("-") and "=" not in after[0] else None
+        parser.error(flag_hint(flags[0], [*LAUNCH_FLAGS, "--help"], value))
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return exit_on_data_error(lambda: _train(args))
 
 

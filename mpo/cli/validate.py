@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     errors = validate(recipe, args.workers, args.full, args.report, not args.no_progress)
     if errors:
-        raise DataError(f"{len(errors)} bad record(s), listed above", file=recipe.data.meta_path or recipe.data.jsonl_path)
+        data = recipe.data
+        raise DataError(f"{len(errors)} bad record(s), listed above", file=data.meta_path or data.jsonl_path or data.dataset_path)
     return 0
 
 

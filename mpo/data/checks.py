@@ -105,12 +105,12 @@ def load_checked_records(
                     tqdm.write(str(error))
             raise DataError(
                 f"{len(errors)} record(s) use a bad image or video (listed above); fix them, or set data.on_bad_sample: skip",
-                file=recipe.data.meta_path or recipe.data.jsonl_path,
+                file=recipe.data.meta_path or recipe.data.jsonl_path or recipe.data.dataset_path,
             )
         if errors:
             skipped.extend(errors)
             dropped = {error.file + f":{error.line}" for error in errors}
             records = [record for record in records if record.source not in dropped]
     if not records:
-        raise DataError("no training records", file=recipe.data.meta_path or recipe.data.jsonl_path)
+        raise DataError("no training records", file=recipe.data.meta_path or recipe.data.jsonl_path or recipe.data.dataset_path)
     return records

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mpo.config import DataConfig
 from mpo.data.media import load_image, load_video_frames
-from mpo.data.prompting import encode_prompt
+from mpo.data.prompting import chat_messages, encode_messages, render
 from mpo.data.records import source_location
 from mpo.errors import DataError, OverlongPair
 from mpo.types import EncodedPair, PreferenceRecord
@@ -39,7 +39,10 @@ class PreferenceDataset:
         max_pixels = self.config.max_image_pixels
         images = [load_image(p, max_pixels) for p in record.images]
         video = load_video_frames(record.video, self.config.video_frames, max_pixels) if record.video else None
-        prompt = encode_prompt(self.processor, record.question, images, record.max_dynamic_patch, record.system_prompt, video=video)
+        messages = chat_messages(record.question, len(images), record.system_prompt, has_video=video is not None)
+        if record.rendered_prompt is not None:
+            self.check_rendered(record, render(self.processor, messages))
+        prompt = encode_messages(self.processor, messages, images, record.max_dynamic_patch, video)
         prompt_ids = prompt["input_ids"][0].tolist()
         tokenizer = self.processor.tokenizer
         chosen_ids = tokenizer(record.chosen, add_special_tokens=False)["input_ids"] + [self.end_of_turn]
@@ -53,3 +56,15 @@ class PreferenceDataset:
             raise OverlongPair(f"pair is {longest} tokens > max_length {self.config.max_length}", field="chosen/rejected")
         chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
         return EncodedPair(prompt_ids, chosen_ids, rejected_ids, prompt.get("pixel_values"), record.source, truncated)
+
+    @staticmethod
+    def check_rendered(record: PreferenceRecord, rendered: str) -> None:
+        """A prompt the data gave rendered must be what the checkpoint's template renders, else its
+        token ids would not be the ones the data meant (:mod:`mpo.data.rendered`)."""
+        if rendered == record.rendered_prompt:
+            return
+        at = next((i for i, (a, b) in enumerate(zip(rendered, record.rendered_prompt)) if a != b),
+                  min(len(rendered), len(record.rendered_prompt)))
+        raise DataError(f"the checkpoint's chat template renders this prompt otherwise (from character {at}: "
+                        f"{record.rendered_prompt[at:at + 40]!r} given, {rendered[at:at + 40]!r} rendered); give the plain "
+                        "question or TRL's conversational messages", field="prompt")

@@ -47,4 +47,4 @@ def load_eval_records(config: DataConfig, seed: int, records: list[PreferenceRec
         return records, []
     held_out = dataclasses.replace(config, meta_path=config.eval_meta_path, jsonl_path=config.eval_jsonl_path,
                                    dataset_path="", image_root=config.eval_image_root)
-    return records, unique_by_source(load_records(held_out, seed, skipped))
+    return records, unique_by_source(load_records(held_out, seed, skipped, prefix="eval_"))

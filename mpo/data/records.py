@@ -2,19 +2,21 @@
 stages that read them.
 
 ``data.meta_path`` / ``data.jsonl_path`` are MMPR (:mod:`mpo.data.mmpr`), ``data.dataset_path``
-a local HF dataset in TRL's preference columns (:mod:`mpo.data.trl_dataset`).
+the preference rows of TRL, ms-swift or LLaMA-Factory (:mod:`mpo.data.preference_files`); data
+in a key that reads another format is answered with the key it goes in (:mod:`mpo.data.format_hints`).
 """
 
 from __future__ import annotations
 
 from mpo.config import DataConfig
+from mpo.data.format_hints import check_data_key
 from mpo.data.mmpr import read_mmpr
 from mpo.errors import DataError
 from mpo.types import PreferenceRecord
 
 
 def load_records(
-    config: DataConfig, seed: int, skipped: list[DataError] | None = None, notes: list[str] | None = None
+    config: DataConfig, seed: int, skipped: list[DataError] | None = None, notes: list[str] | None = None, prefix: str = ""
 ) -> list[PreferenceRecord]:
     """All training records of a recipe, ``repeat_time`` applied, in file order (possibly none,
     when every line was bad and skipped: :func:`mpo.data.checks.load_checked_records` refuses that).
@@ -25,11 +27,18 @@ def load_records(
         skipped: collects bad records in skip mode; ``None`` raises at the first one.
         notes: collects a line for each subset whose recorded system message ``data.system_prompt``
             overrides, for the caller to report.
+        prefix: the keys ``config`` was read from: ``""`` for the training data, ``"eval_"`` for
+            the held-out pairs (named in the errors).
     """
     if config.dataset_path:
-        from mpo.data.trl_dataset import read_dataset
+        from mpo.data.preference_files import read_dataset
 
-        return read_dataset(config, skipped)
+        check_data_key(config.dataset_path, "dataset_path", prefix)
+        return read_dataset(config, skipped, notes)
+    if config.jsonl_path:
+        check_data_key(config.jsonl_path, "jsonl_path", prefix)
+    else:
+        check_data_key(config.meta_path, "meta_path", prefix)
     return read_mmpr(config, seed, skipped, notes)
 
 

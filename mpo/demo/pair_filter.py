@@ -23,7 +23,7 @@ import json
 import random
 from pathlib import Path
 
-from data_pipeline.mmpr import write_mmpr
+from data_pipeline.mmpr import path_in_meta, write_mmpr
 from data_pipeline.pairs import CORRECTNESS_SUFFIX, FORMAT_SUFFIX, Pair
 from data_pipeline.records import SampleRecord
 from data_pipeline.sharding import derive_seed
@@ -32,10 +32,12 @@ from mpo.demo.stages import read_jsonl
 from mpo.jsonl import write_json_atomic, write_text_atomic
 
 
-def _absolute(entry: dict, meta_path: Path) -> dict:
-    """A meta entry whose paths hold wherever the meta.json that lists it lives."""
-    return {**entry, "root": str((meta_path.parent / entry["root"]).resolve()),
-            "annotation": str((meta_path.parent / entry["annotation"]).resolve())}
+def _moved(entry: dict, meta_path: Path, out_dir: Path) -> dict:
+    """A meta entry of ``meta_path`` as ``out_dir/meta.json`` names its files (the pipeline's paths
+    start from its meta.json's folder, the copy's from ``out_dir``)."""
+    source = meta_path.resolve().parent
+    return {**entry, "root": path_in_meta(out_dir, source / entry["root"]),
+            "annotation": path_in_meta(out_dir, source / entry["annotation"])}
 
 
 def keep_right_chains(meta_path: Path, records: dict[str, dict], out_dir: Path) -> dict:
@@ -50,20 +52,20 @@ def keep_right_chains(meta_path: Path, records: dict[str, dict], out_dir: Path) 
     Returns:
         ``{"meta": path, "subsets": {name: pairs}, "dropped": correctness pairs left out}``.
     """
-    meta = {name: _absolute(entry, meta_path) for name, entry in json.loads(meta_path.read_text()).items()}
-    out_dir = out_dir.resolve()  # meta.json resolves a relative annotation path against its own folder
+    out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {name: _moved(entry, meta_path, out_dir) for name, entry in json.loads(meta_path.read_text()).items()}
     dropped = 0
     for name, entry in meta.items():
         if not name.endswith(CORRECTNESS_SUFFIX):
             continue
-        lines = read_jsonl(entry["annotation"])
+        lines = read_jsonl(out_dir / entry["annotation"])
         kept = [line for line in lines if check_chain(line["chosen"], records[line["chosen_meta"]["id"]]).correct]
         dropped += len(lines) - len(kept)
         annotation = out_dir / "annotations" / Path(entry["annotation"]).name
         annotation.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(annotation, "".join(json.dumps(line) + "\n" for line in kept))
-        meta[name] = {**entry, "annotation": str(annotation), "length": len(kept)}
+        meta[name] = {**entry, "annotation": path_in_meta(out_dir, annotation), "length": len(kept)}
     meta = {name: entry for name, entry in meta.items() if entry["length"]}
     write_json_atomic(out_dir / "meta.json", meta)
     return {"meta": str(out_dir / "meta.json"), "subsets": {name: entry["length"] for name, entry in meta.items()},
@@ -111,7 +113,9 @@ def pair_by_chains(meta_path: Path, matched_path: Path, records: dict[str, dict]
         ``{"meta": path, "subsets": {name: pairs}, "dropped": correctness pairs of the pipeline whose
         chosen chain is wrong}`` (the count :func:`keep_right_chains` would drop, for the report).
     """
-    source = {name: _absolute(entry, meta_path) for name, entry in json.loads(meta_path.read_text()).items()}
+    out_dir = out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = {name: _moved(entry, meta_path, out_dir) for name, entry in json.loads(meta_path.read_text()).items()}
     matched = [SampleRecord.from_json(line) for line in read_jsonl(matched_path)]
     correctness, format_pairs, datasets = [], [], set()
     for record in matched:
@@ -131,16 +135,14 @@ def pair_by_chains(meta_path: Path, matched_path: Path, records: dict[str, dict]
     (dataset,) = datasets
     # Every build of the demo samples with one image root, tile budget and system message.
     template = next((source[name] for name in source if name.startswith(dataset)), next(iter(source.values())))
-    out_dir = out_dir.resolve()
     subsets = {dataset + CORRECTNESS_SUFFIX: correctness, dataset + FORMAT_SUFFIX: format_pairs}
-    write_mmpr(out_dir, template["root"], subsets, template["max_dynamic_patch"],
+    write_mmpr(out_dir, out_dir / template["root"], subsets, template["max_dynamic_patch"],
                {name: template.get("system_prompt") for name in subsets})
     meta = json.loads((out_dir / "meta.json").read_text())
-    meta = {name: _absolute(entry, out_dir / "meta.json") for name, entry in meta.items()}
     meta.update({name: entry for name, entry in source.items() if name not in subsets})
     write_json_atomic(out_dir / "meta.json", meta)
+    pipeline_pairs = source.get(dataset + CORRECTNESS_SUFFIX)
     dropped = sum(not check_chain(line["chosen"], records[line["chosen_meta"]["id"]]).correct
-                  for line in read_jsonl(source[dataset + CORRECTNESS_SUFFIX]["annotation"])) \
-        if dataset + CORRECTNESS_SUFFIX in source else 0
+                  for line in read_jsonl(out_dir / pipeline_pairs["annotation"])) if pipeline_pairs else 0
     return {"meta": str(out_dir / "meta.json"), "subsets": {name: entry["length"] for name, entry in meta.items()},
             "dropped": dropped}

@@ -31,7 +31,7 @@ from torch import nn
 from mpo.config import ModelConfig, Recipe
 from mpo.errors import DataError
 from mpo.model.forward import PreferenceForward, text_only_vision
-from mpo.model.loading import load_reference, resolve_model_path
+from mpo.model.loading import load_reference, reference_model, resolve_model_path
 
 
 def uses_deepspeed() -> bool:
@@ -198,7 +198,7 @@ def load_frozen_reference(recipe: Recipe, accelerator) -> nn.Module:
     ``mpo precompute-ref`` both load it here; under DeepSpeed, :func:`configure_deepspeed` must
     have run first."""
     vision = text_only_vision(accelerator.num_processes, zero_config(accelerator), trained=False)
-    reference = PreferenceForward(load_reference(recipe.reference_model()), vision)
+    reference = PreferenceForward(load_reference(reference_model(recipe)), vision)
     if is_deepspeed(accelerator):
         return prepare_deepspeed_reference(reference, accelerator)
     return reference.to(accelerator.device)

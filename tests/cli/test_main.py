@@ -154,4 +154,4 @@ def test_a_recipe_typo_is_reported_before_torch_loads(tiny_mmpr_dir, tmp_path):
             "print(status, [m for m in ('torch', 'transformers', 'accelerate', 'peft') if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "2 []"
-    assert result.stderr.strip().startswith(f"error: {recipe}: unknown key train.learning_rate; valid keys here: train.lr,")
+    assert result.stderr.strip().startswith(f"error: {recipe}: unknown key train.learning_rate: did you mean train.lr?")

@@ -26,6 +26,7 @@ import yaml
 from safetensors.torch import load_file
 
 from mpo.demo.chains import chain_shares
+from mpo.demo.results import RoundResult, SeedResult
 from mpo.demo.accuracy import evaluate
 from mpo.demo.rounds import chosen_responses, pass_at_k
 from mpo.demo.run import main
@@ -112,7 +113,7 @@ def test_pairs_stage(demo_out: Path) -> None:
             meta = json.loads((pairs / "meta.json").read_text())
             assert meta, "no MMPR subset was written"
             for name, entry in meta.items():
-                lines = _lines(Path(entry["annotation"]))
+                lines = _lines(pairs / entry["annotation"])
                 assert entry["length"] == len(lines) > 0
                 assert all(line["chosen"].strip() and line["rejected"].strip() and line["chosen"] != line["rejected"]
                            for line in lines)
@@ -277,9 +278,11 @@ def _rerun_stages(first: Path, tmp_path: Path) -> None:
 
     # round 1: the SFT model's pairs, MPO from the SFT model on them, its greedy answers
     sft_model = first / "sft" / "final"
-    build_pairs(sft_model, task, tmp_path / "pairs1", QUICK, 0, progress=False)
-    _same_pairs(first / "round1" / "pairs-sft", tmp_path / "pairs1", first / "task", task)
-    final = train(sft_model, {"meta_path": str(tmp_path / "pairs1" / "meta.json")}, tmp_path / "mpo1", METHODS_WEIGHTS["mpo"],
+    # at the run's depth under the task's folder, so that meta.json's relative paths are the same
+    again = tmp_path / "round1" / "pairs-sft"
+    build_pairs(sft_model, task, again, QUICK, 0, progress=False)
+    _same_pairs(first / "round1" / "pairs-sft", again, first / "task", task)
+    final = train(sft_model, {"meta_path": str(again / "meta.json")}, tmp_path / "mpo1", METHODS_WEIGHTS["mpo"],
                   QUICK.pref_steps, QUICK.pref_batch, QUICK.pref_lr, QUICK.pref_warmup, QUICK, 0)
     _same_run(first / "round1" / "mpo", tmp_path / "mpo1")
     test_questions = _lines(task / "test.jsonl")
@@ -288,9 +291,10 @@ def _rerun_stages(first: Path, tmp_path: Path) -> None:
 
     # round 2: the round-1 MPO model's own pairs, and MPO from it on them
     round1 = first / "round1" / "mpo" / "final"
-    build_pairs(round1, task, tmp_path / "pairs2", QUICK, 0, progress=False, round_number=2)
-    _same_pairs(first / "round2" / "pairs-mpo", tmp_path / "pairs2", first / "task", task)
-    train(round1, {"meta_path": str(tmp_path / "pairs2" / "meta.json")}, tmp_path / "mpo2", METHODS_WEIGHTS["mpo"],
+    again = tmp_path / "round2" / "pairs-mpo"
+    build_pairs(round1, task, again, QUICK, 0, progress=False, round_number=2)
+    _same_pairs(first / "round2" / "pairs-mpo", again, first / "task", task)
+    train(round1, {"meta_path": str(again / "meta.json")}, tmp_path / "mpo2", METHODS_WEIGHTS["mpo"],
           QUICK.pref_steps, QUICK.pref_batch, QUICK.pref_lr, QUICK.pref_warmup, QUICK, 0)
     _same_run(first / "round2" / "mpo", tmp_path / "mpo2")
 
@@ -334,9 +338,7 @@ def test_settings_overrides() -> None:
         apply_overrides(DemoSettings(), ["sft_steps=1.5"])
 
 
-def _seed(seed: int, rounds: list[dict[str, float]], **accuracy: float):
-    from mpo.demo.results import RoundResult, SeedResult
-
+def _seed(seed: int, rounds: list[dict[str, float]], **accuracy: float) -> SeedResult:
     final = {**accuracy, **rounds[-1]}
     return SeedResult(seed=seed, eval_questions=400, accuracy=final, majority_baseline=0.1,
                       unparsable={m: 2 * seed for m in final},
@@ -420,10 +422,11 @@ def test_keep_right_chains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     # the slip (2 + 2 = 3) and the miscounted tally reach the right answer and are dropped
     assert kept["subsets"] == {"s_pairs_vqa_correctness_rules": 1, "s_pairs_vqa_format_rules": 1} and kept["dropped"] == 2
     new_meta = json.loads((tmp_path / "checked" / "meta.json").read_text())
-    assert new_meta["s_pairs_vqa_correctness_rules"]["annotation"] == str(tmp_path / "checked" / "annotations" / "s_pairs_vqa_correctness_rules.jsonl")
-    assert _lines(Path(new_meta["s_pairs_vqa_correctness_rules"]["annotation"])) == lines[:1]
-    # the kept subset points to the pipeline's files, its relative root resolved against the pipeline's meta.json
-    assert new_meta["s_pairs_vqa_format_rules"] == {**meta["s_pairs_vqa_format_rules"], "root": str(tmp_path / "pairs" / "task")}
+    # Paths relative to the copy's folder: the pipeline's root and untouched annotations from there.
+    assert new_meta["s_pairs_vqa_correctness_rules"]["annotation"] == "annotations/s_pairs_vqa_correctness_rules.jsonl"
+    assert _lines(tmp_path / "checked" / new_meta["s_pairs_vqa_correctness_rules"]["annotation"]) == lines[:1]
+    assert new_meta["s_pairs_vqa_format_rules"] == {**meta["s_pairs_vqa_format_rules"], "root": "../pairs/task",
+                                                    "annotation": "../pairs/annotations/s_pairs_vqa_format_rules.jsonl"}
     assert len(_lines(annotations / "s_pairs_vqa_correctness_rules.jsonl")) == 3  # the pipeline's pairs stay
 
 
@@ -466,12 +469,15 @@ def test_pair_by_chains(tmp_path: Path) -> None:
     assert kept["subsets"] == {"s_pairs_vqa_correctness_rules": 2, "s_pairs_vqa_format_rules": 1, "d_prefix_pair_sr0.5_wo_image": 1}
     assert kept["dropped"] == 1  # the pipeline's pair whose chosen chain is wrong
     new_meta = json.loads((tmp_path / "chains" / "meta.json").read_text())
-    pairs = _lines(Path(new_meta["s_pairs_vqa_correctness_rules"]["annotation"]))
+    pairs = _lines(tmp_path / "chains" / new_meta["s_pairs_vqa_correctness_rules"]["annotation"])
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [(responses[0], responses[1]), (responses[0], responses[2])]
     assert [p["rejected_meta"]["index"] for p in pairs] == [1, 2] and pairs[0]["answer_gt"] == "3"
-    [form] = _lines(Path(new_meta["s_pairs_vqa_format_rules"]["annotation"]))
+    [form] = _lines(tmp_path / "chains" / new_meta["s_pairs_vqa_format_rules"]["annotation"])
     assert (form["chosen"], form["rejected"]) == (responses[0], responses[3])
-    assert new_meta["d_prefix_pair_sr0.5_wo_image"]["annotation"] == str(pipeline / "annotations" / "d_prefix_pair_sr0.5_wo_image.jsonl")
+    # paths relative to the new folder: its own annotations, the pipeline's root and untouched subset
+    assert new_meta["s_pairs_vqa_correctness_rules"]["annotation"] == "annotations/s_pairs_vqa_correctness_rules.jsonl"
+    assert new_meta["d_prefix_pair_sr0.5_wo_image"]["annotation"] == "../pairs/annotations/d_prefix_pair_sr0.5_wo_image.jsonl"
+    assert new_meta["s_pairs_vqa_correctness_rules"]["root"] == ".."
     assert new_meta["s_pairs_vqa_correctness_rules"]["max_dynamic_patch"] == 1
     few = pair_by_chains(pipeline / "meta.json", pipeline / "work" / "s" / "matched.jsonl", {"q": record}, tmp_path / "few",
                          max_pairs=1, seed=0)

@@ -120,15 +120,16 @@ def test_build_writes_mmpr_the_trainer_reads(workspace: Path, built: Path, capsy
     for name, entry in meta.items():
         assert set(entry) == {"root", "annotation", "repeat_time", "length", "max_dynamic_patch", "system_prompt"}
         assert entry["system_prompt"] == INTERNVL_SYSTEM_MESSAGE  # --system-prompt auto, recorded for the trainer
-        assert entry["root"] == str(workspace / "images") and entry["repeat_time"] == 1.0
+        # Relative to meta.json's folder: the build moves with the folder holding it and the images.
+        assert entry["root"] == "../images" and entry["repeat_time"] == 1.0
         assert entry["max_dynamic_patch"] == 2  # the --max-tiles of SAMPLING
-        assert entry["annotation"] == str(out / "annotations" / f"{name}.jsonl")
-        assert entry["length"] == len(_lines(Path(entry["annotation"]))) > 0
+        assert entry["annotation"] == f"annotations/{name}.jsonl"
+        assert entry["length"] == len(_lines(out / entry["annotation"])) > 0
 
     prompts = {q["id"]: build_cot_prompt(q["question"], len(q.get("images", [1])), TEMPLATE) for q in QUESTIONS}
     assert prompts["q2"] == "<image>\nHow many shapes are there?\nThink, then write \"Final answer: ..\"."  # instruction stripped
     assert prompts["q5"].startswith("Image-1: <image>\nImage-2: <image>\n")
-    correctness = _lines(Path(meta["shapes_pairs_vqa_correctness_rules"]["annotation"]))
+    correctness = _lines(out / meta["shapes_pairs_vqa_correctness_rules"]["annotation"])
     for line in correctness:
         record = matched[line["chosen_meta"]["id"]]
         assert line["question"] == prompts[record["id"]]
@@ -148,9 +149,9 @@ def test_build_writes_mmpr_the_trainer_reads(workspace: Path, built: Path, capsy
         pairs = sum(1 for line in correctness if line["chosen_meta"]["id"] == record["id"])
         assert pairs == min(15, counts["correct"] * counts["incorrect"])
     assert any(line["chosen_meta"]["id"] == "q3" for line in correctness)  # "three" judged by VQA normalisation
-    formats = _lines(Path(meta["shapes_pairs_vqa_format_rules"]["annotation"]))
+    formats = _lines(out / meta["shapes_pairs_vqa_format_rules"]["annotation"])
     assert all(extract_final_answer(line["rejected"]).answer is None for line in formats)
-    ntp = _lines(Path(meta["shapes_prefix_pair_sr0.5_wo_image"]["annotation"]))
+    ntp = _lines(out / meta["shapes_prefix_pair_sr0.5_wo_image"]["annotation"])
     assert len(ntp) == 1 and ntp[0]["image"] == "a.png" and ntp[0]["question"] == prompts["q4"]
     assert ntp[0]["rejected"].startswith(ntp[0]["rejected_meta"]["prefix"])
     assert ntp[0]["chosen"].startswith(ntp[0]["rejected_meta"]["prefix"])

@@ -126,8 +126,8 @@ def test_write_mmpr_layout_and_deduplication(tmp_path: Path) -> None:
     }
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["toy_pairs_vqa_format_rules"] == {
-        "root": str(tmp_path / "images"),
-        "annotation": str(tmp_path / "annotations" / "toy_pairs_vqa_format_rules.jsonl"),
+        "root": "images",
+        "annotation": "annotations/toy_pairs_vqa_format_rules.jsonl",
         "repeat_time": 1.0,
         "length": 2,
         "max_dynamic_patch": 12,

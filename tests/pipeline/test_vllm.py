@@ -206,7 +206,7 @@ def test_pipeline_stages_run_against_vllm(vllm_url, images, tmp_path):
     meta = json.loads((tmp_path / "mmpr" / "meta.json").read_text())
     for name, entry in meta.items():
         assert entry["system_prompt"] == SYSTEM
-        assert entry["length"] == len(Path(entry["annotation"]).read_text().splitlines()) > 0, name
+        assert entry["length"] == len((tmp_path / "mmpr" / entry["annotation"]).read_text().splitlines()) > 0, name
     pairs = sum(s["pairs"] for s in summary["subsets"].values())
     assert pairs == sum(entry["length"] for entry in meta.values())
 

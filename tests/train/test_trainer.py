@@ -149,7 +149,7 @@ def test_cli_bad_inputs_are_one_line_errors(tiny_model_dir, tiny_mmpr_dir, escap
     recipe.write_text(json.dumps(make_recipe(tiny_model_dir, tiny_mmpr_dir, tmp_path / "run")))
     typo = _cli("train", str(recipe), "train.learning_rate=1", cwd=tmp_path)
     assert typo.returncode == 2
-    assert typo.stderr.strip().splitlines()[-1].startswith(f"error: {recipe}: unknown key train.learning_rate; valid keys here: train.lr,")
+    assert typo.stderr.strip().splitlines()[-1].startswith(f"error: {recipe}: unknown key train.learning_rate: did you mean train.lr?")
 
     annotation = escaping_annotation
     bad = _cli("train", str(recipe), f"data.meta_path={annotation.parents[1] / 'meta.json'}", cwd=tmp_path)

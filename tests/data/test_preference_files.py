@@ -20,7 +20,8 @@ from mpo.config import DataConfig, ModelConfig, recipe_from_dict
 from mpo.data.dataset import PreferenceDataset
 from mpo.data.records import load_records
 from mpo.errors import DataError
-from mpo.data.trl_dataset import data_files, parse_row, read_dataset
+from mpo.data.dataset_files import data_files
+from mpo.data.preference_files import parse_row, read_dataset
 from mpo.model.loading import load_processor
 
 SUBSETS = ("shapes_pairs_vqa_correctness_rules", "multi_pairs_vqa_correctness_rules")
@@ -100,7 +101,7 @@ def test_split_files_of_a_directory(tmp_path):
     assert [p.name for p in data_files(tmp_path, "train")] == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
     assert [p.name for p in data_files(tmp_path, "test")] == ["test-00000-of-00001.parquet"]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=r"empty: data\.dataset_path: no \.parquet or \.arrow files"):
+    with pytest.raises(DataError, match=r"empty: data\.dataset_path: no \.jsonl, \.json, \.parquet, \.arrow files"):
         data_files(tmp_path / "empty", "train")
 
 
@@ -116,8 +117,9 @@ GOOD = {"prompt": "<image>\nQ?", "chosen": "yes", "rejected": "no", "images": [{
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"rejected": None}, "rejected: expected a string or a list of one assistant message, got None"),
-    ({"prompt": [{"role": "assistant", "content": "Q?"}]}, "prompt: expected a user message, got role 'assistant'"),
+    ({"rejected": None}, "rejected: missing (TRL's preference columns: prompt, chosen, rejected, images)"),
+    ({"rejected": 3}, "rejected: expected a string or one assistant message, got 3"),
+    ({"prompt": [{"role": "assistant", "content": "Q?"}]}, "prompt: expected the roles user after an optional system message, got assistant"),
     ({"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Q"}]}]},
      "prompt: has 2 image part(s) but 1 image(s) in images"),
     ({"prompt": "<image><image>\nQ?"}, "prompt: has 2 <image> placeholder(s) but 1 image(s)"),
@@ -135,7 +137,7 @@ def test_bad_rows_name_file_row_and_column(tmp_path, change, message):
     root.mkdir()
     (tmp_path / "a.png").rename(root / "a.png")
     with pytest.raises(DataError) as caught:
-        parse_row({**GOOD, **change}, tmp_path / "d.parquet", 7, root, 6, None)
+        parse_row("TRL", {**GOOD, **change}, str(tmp_path / "d.parquet"), 7, root, 6)
     assert str(caught.value).startswith(f"{tmp_path / 'd.parquet'}:7: {message}")
 
 
@@ -149,7 +151,7 @@ def test_missing_column_and_skipping(tmp_path):
     assert len(read_dataset(_config(tmp_path / "d.parquet"), skipped)) == 2
     assert [(e.line, e.field) for e in skipped] == [(1, "chosen")]
     datasets.Dataset.from_list([{"prompt": "Q", "chosen": "a"}]).to_parquet(str(tmp_path / "e.parquet"))
-    with pytest.raises(DataError, match=r"e\.parquet:0: rejected: missing column \(TRL's preference columns"):
+    with pytest.raises(DataError, match=r"e\.parquet: data\.dataset_path: columns \['chosen', 'prompt'\] are no preference format"):
         read_dataset(_config(tmp_path / "e.parquet"), None)
 
 
