@@ -55,6 +55,14 @@ def chosen_responses(pairs_dir: Path, records: dict[str, dict]) -> list[tuple[st
     return [(chosen, record) for (_, chosen), record in sorted(seen.items())]
 
 
+def preference_steps(settings: DemoSettings, pairs: int) -> int:
+    """A round's training steps: ``pref_steps``, or fewer when that would pass over its ``pairs``
+    more than ``pref_epochs`` times."""
+    if not settings.pref_epochs:
+        return settings.pref_steps
+    return max(1, min(settings.pref_steps, round(settings.pref_epochs * pairs / settings.pref_batch)))
+
+
 def stage_count(settings: DemoSettings) -> int:
     """Stages of one seed: task + model, SFT, its evaluation, round 1's sampling and one stage per
     method, then one stage per method for each later round (its sampling, training, evaluation)."""
@@ -136,7 +144,9 @@ class SeedRun:
                 # Round 1 starts from the SFT model, which is then its reference either way.
                 reference = sft_model if number > 1 and settings.reference == "initial" else None
                 run_dir = directory / method
-                finals[method] = self._trained(starts[method], {"meta_path": meta}, run_dir, weights, settings.pref_steps,
+                source = "sft" if number == 1 else method
+                steps = preference_steps(settings, sum(round_result.samples[source].pairs.values()))
+                finals[method] = self._trained(starts[method], {"meta_path": meta}, run_dir, weights, steps,
                                                settings.pref_batch, settings.pref_lr, settings.pref_warmup, reference)
                 round_result.runs[method] = str(run_dir)
                 evaluation = self._evaluate(method, finals[method], directory / "eval", swap=last and method in IMAGE_SWAP_METHODS)

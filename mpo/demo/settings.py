@@ -81,6 +81,11 @@ class DemoSettings:
     pref_batch: int = 16
     pref_lr: float = 2e-4
     """At 5e-4 DPO alone wrecks the answer format (most held-out answers unparsable)."""
+    pref_epochs: float = 0.0
+    """At most this many passes over a round's pairs (0: ``pref_steps`` whatever their number). A
+    later round has fewer pairs (its model answers more questions every time, and a question
+    answered all right or all wrong gives none): 200 steps of 16 over ~350 pairs (9 passes) took MPO
+    from 63.0 to 53.8 % on seed 0 (measured)."""
     pref_warmup: float = 0.05
     beta: float = 0.1
 
