@@ -146,8 +146,9 @@ class SeedRun:
                 run_dir = directory / method
                 source = "sft" if number == 1 else method
                 steps = preference_steps(settings, sum(round_result.samples[source].pairs.values()))
+                lr = settings.pref_lr * settings.lr_decay ** (number - 1)
                 finals[method] = self._trained(starts[method], {"meta_path": meta}, run_dir, weights, steps,
-                                               settings.pref_batch, settings.pref_lr, settings.pref_warmup, reference)
+                                               settings.pref_batch, lr, settings.pref_warmup, reference)
                 round_result.runs[method] = str(run_dir)
                 evaluation = self._evaluate(method, finals[method], directory / "eval", swap=last and method in IMAGE_SWAP_METHODS)
                 round_result.accuracy[method] = evaluation.accuracy
