@@ -170,9 +170,9 @@ class SeedRun:
         checked = directory / f"pairs-{source}_checked"
         if settings.pairing == "right_chains":
             kept = keep_right_chains(Path(built["meta"]), self.train_by_id, checked)
-        elif settings.pairing == "chains":
+        elif settings.pairing in ("chains", "first_error"):
             kept = pair_by_chains(Path(built["meta"]), pairs_dir / "work" / DATASET / "matched.jsonl", self.train_by_id, checked,
-                                  settings.max_pairs, self.seed + number - 1)
+                                  settings.max_pairs, self.seed + number - 1, settings.pairing == "first_error")
         if settings.pairing != "answer":
             built = {**built, "meta": kept["meta"]}
             samples.pairs = kept["subsets"]

@@ -396,6 +396,21 @@ def test_chain_checker() -> None:
     count = {**record, "question": "How many red shapes are there?", "answer": "2", "cot": "red 2, green 1, blue 1.\nFinal answer: 2"}
     assert check_chain("red 2, green 1, blue 1.\nFinal answer: 2", count).correct
     assert check_chain("red 2, green 1, blue 1.\nFinal answer: 1", count).error == "reasoning"  # green's count read out
+    # where each chain first goes wrong: the first wrong token, in the order written
+    from mpo.demo.chains import first_error_end
+
+    def cut(response: str) -> str | None:
+        end = first_error_end(response, record)
+        return None if end is None else response[:end]
+
+    assert cut(record["cot"]) is None
+    assert cut("red 1, green 3, blue 1. 1 x 3 = 3. 3 x 1 = 3.\nFinal answer: 9") == "red 1"  # a miscount
+    assert cut(swapped_text := "red 2, green 1, blue 1. 2 x 3 = 6. 1 x 1 = 1. 1 x 1 = 1.\nFinal answer: 8") == (
+        "red 2, green 1, blue 1. 2 x 3 = 6. 1 x 1 = 1. 1 x 1")  # green's weight for blue's: the right number
+    assert swapped_text.startswith(cut(swapped_text))
+    assert cut("red 2, green 1, blue 1. 2 x 3 = 7. 1 x 1 = 1.\nFinal answer: 9") == "red 2, green 1, blue 1. 2 x 3 = 7"
+    assert cut("red 2, green 1, blue 1. 2 + 3 = 5.\nFinal answer: 9") == "red 2, green 1, blue 1. 2 +"  # the operator
+    assert cut("red 2, green 1, blue 1. 2 x 3 = 6.\nFinal answer: 6") is None  # steps left out: wrong only as a whole
     responses = [record["cot"], "red 2, green 2, blue 1.\nFinal answer: 9", "red 2, green 1, blue 1. 2 x 3 = 6.\nFinal answer: 6",
                  record["cot"]]
     assert chain_shares([(response, record) for response in responses]) == {"none": 0.5, "perception": 0.25, "reasoning": 0.25}
@@ -482,6 +497,16 @@ def test_pair_by_chains(tmp_path: Path) -> None:
     few = pair_by_chains(pipeline / "meta.json", pipeline / "work" / "s" / "matched.jsonl", {"q": record}, tmp_path / "few",
                          max_pairs=1, seed=0)
     assert few["subsets"]["s_pairs_vqa_correctness_rules"] == 1
+    # first_error: each rejected chain ends just past its first wrong token (the second operand of
+    # both wrong chains), the unparsable one is whole
+    cut = pair_by_chains(pipeline / "meta.json", pipeline / "work" / "s" / "matched.jsonl", {"q": record}, tmp_path / "cut",
+                         max_pairs=4, seed=0, cut_at_first_error=True)
+    cut_meta = json.loads((tmp_path / "cut" / "meta.json").read_text())
+    pairs = _lines(tmp_path / "cut" / cut_meta["s_pairs_vqa_correctness_rules"]["annotation"])
+    # both wrong chains part from the right one at their second operand, so they cut to one rejected response
+    assert [(p["chosen"], p["rejected"], p["rejected_cut_from"]) for p in pairs] == [
+        (responses[0], "red 2, green 1, blue 1. 2 + 2", responses[1])]
+    assert cut["subsets"]["s_pairs_vqa_format_rules"] == 1
 
 
 def test_tally_accuracy_and_pass_at_k(tmp_path: Path) -> None:
