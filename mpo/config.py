@@ -16,7 +16,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 
@@ -82,6 +82,9 @@ class ModelConfig:
 
 @dataclass
 class ReferenceConfig:
+    name_or_path: str = ""
+    """The frozen reference's checkpoint (empty: the starting model), with the policy's ``model.*`` settings and
+    vocabulary (``mpo iterate``'s ``reference: initial``). Not with LoRA: its reference is the adapters off."""
     precomputed_path: str = ""
     """A file written by ``mpo precompute-ref``; when set, no reference model is loaded."""
     image_fingerprint: Literal["stat", "content"] = "stat"
@@ -305,23 +308,38 @@ def save_best_direction(train: TrainConfig) -> Literal["min", "max"]:
     return "min" if name.startswith("loss") or name.endswith("/rejected") else "max"
 
 
-def recipe_from_dict(data: dict, overrides: list[str] | None = None, source: str = "recipe") -> Recipe:
+def section_from_dict(cls: type, data: dict, prefix: str, source: str) -> Any:
+    """A section declared like a recipe's (documented dataclass fields), its keys and types checked as a recipe's."""
+    try:
+        return build(cls, data, prefix)
+    except DataError as error:
+        raise DataError(str(error), file=source) from None
+
+
+def with_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """A copy of ``data`` with ``dotted.key=value`` overrides applied (values parsed as YAML)."""
     data = copy.deepcopy(data or {})  # overrides must not change the caller's dict
     for item in overrides or []:
         if "=" not in item:
             raise DataError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
         set_dotted(data, key.strip(), yaml.safe_load(raw) if raw != "" else "")
-    try:
-        recipe = build(Recipe, data)
-    except DataError as error:
-        raise DataError(str(error), file=source) from None
+    return data
+
+
+def recipe_from_dict(data: dict, overrides: list[str] | None = None, source: str = "recipe") -> Recipe:
+    recipe = section_from_dict(Recipe, with_overrides(data, overrides), "", source)
     _validate(recipe, source)
     return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Reads a YAML recipe and applies ``dotted.key=value`` overrides."""
+    return recipe_from_dict(read_recipe_yaml(path), overrides, str(path))
+
+
+def read_recipe_yaml(path: str | Path) -> dict:
+    """The mapping of a recipe file; a missing file or bad YAML is a one-line error."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -331,7 +349,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise DataError(f"invalid YAML: {error}".replace("\n", " "), file=str(path)) from None
     if not isinstance(data, dict):
         raise DataError("a recipe is a mapping of sections", file=str(path))
-    return recipe_from_dict(data, overrides, str(path))
+    return data
 
 
 def _validate(recipe: Recipe, source: str) -> None:
@@ -354,6 +372,9 @@ def _validate(recipe: Recipe, source: str) -> None:
     check_ranges(recipe, source)
     if recipe.loss.dpo_weight == recipe.loss.bco_weight == recipe.loss.sft_weight == 0:
         raise DataError("every loss weight is 0: nothing to train", file=source)
+    if recipe.reference.name_or_path and recipe.model.lora.enabled:
+        raise DataError("a LoRA run's reference is its base model with the adapters off; unset reference.name_or_path "
+                        "or model.lora.enabled", file=source, field="reference.name_or_path")
     _validate_eval(recipe, source)
 
 

@@ -72,10 +72,11 @@ def recipe_keys(cls: type = None, prefix: str = "") -> list[RecipeKey]:
     return keys
 
 
-def format_recipe_keys(width: int = 100) -> str:
-    """The recipe keys as an indented list: ``key  type  (default: value)`` then the doc, wrapped."""
+def format_recipe_keys(width: int = 100, keys: list[RecipeKey] | None = None) -> str:
+    """The recipe keys (or ``keys``) as an indented list: ``key  type  (default: value)`` then the
+    doc, wrapped."""
     lines = []
-    for key in recipe_keys():
+    for key in recipe_keys() if keys is None else keys:
         lines.append(f"  {key.name}: {key.type} (default: {key.default})")
         lines.extend(textwrap.wrap(key.doc, width, initial_indent=" " * 6, subsequent_indent=" " * 6))
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from mpo.train.report import report_line
 # imported on use so that `mpo --help` stays fast.
 COMMANDS = {
     "train": ("mpo.cli.train", "train with MPO: mpo train RECIPE.yaml [key.sub=value ...] [--launch CONFIG]"),
+    "iterate": ("mpo.cli.iterate", "iterative MPO: sample the policy, pair, train, evaluate, round after round"),
     "precompute-ref": ("mpo.cli.precompute_ref", "compute the reference log-probs once and store them next to the data"),
     "memory": ("mpo.tools.memory.planner", "per-GPU memory of a recipe under DDP and ZeRO-1/2/3 (+offload)"),
     "bench": ("mpo.tools.bench.race", "training speed and memory of the layouts, optionally against TRL (--against trl)"),

@@ -83,6 +83,26 @@ def check_chain(response: str, record: dict) -> ChainCheck:
     )
 
 
+def first_error_end(response: str, record: dict) -> int | None:
+    """Where ``response`` first goes wrong: the offset just past its first wrong token, in the
+    order written (a tally count that is not the scene's; in an operation, the first of left
+    number, operator, right number and result that differs from the reference's operation at the
+    same place). None when no wrong token can be located (a right chain, or one that goes wrong by
+    leaving a claim out or by its final answer): the response is then wrong only as a whole.
+    """
+    rationale, _ = _rationale_and_answer(response)
+    truth = colour_counts([Shape(**s) for s in record["scene"]])
+    errors = [m.end(2) for m in TALLY_ENTRY.finditer(rationale) if truth[m.group(1)] != int(m.group(2))]
+    reference = _OPERATION.findall(_rationale_and_answer(record["cot"])[0])
+    for index, match in enumerate(_OPERATION.finditer(rationale)):
+        expected = reference[index] if index < len(reference) else None
+        wrong = [group for group in range(1, 5) if expected is None or match.group(group) != expected[group - 1]]
+        if wrong:
+            errors.append(match.end(wrong[0]))
+            break
+    return min(errors) if errors else None
+
+
 def chain_shares(responses: list[tuple[str, dict]]) -> dict[str, float]:
     """Over (response, record) pairs: the share of right chains, of chains with a perception error
     and of chains with a right tally and a reasoning error (the three add up to 1); no pairs: ``{}``

@@ -141,12 +141,14 @@ def write_sft_data(task_dir: Path, out_path: Path, prompt: str, cot_share: float
 
 def train(
     model_dir: Path, data: dict, out_dir: Path, weights: LossWeights, steps: int, batch: int,
-    lr: float, warmup: float, settings: DemoSettings, seed: int,
+    lr: float, warmup: float, settings: DemoSettings, seed: int, reference: Path | None = None,
 ) -> Path:
     """Runs :class:`mpo.train.MPOTrainer` once; returns the saved model (``out_dir/final``).
 
     Args:
-        model_dir: the starting checkpoint (also the frozen reference when one is needed).
+        model_dir: the starting checkpoint (also the frozen reference when one is needed and
+            ``reference`` is None).
+        reference: another checkpoint as the frozen reference (``reference.name_or_path``).
         data: the recipe's ``data`` section (``jsonl_path``/``image_root`` or ``meta_path``).
         out_dir: the trainer's output directory (``metrics.jsonl`` lands there).
         weights: the loss weights; DPO and BCO at 0 load no reference model.
@@ -164,6 +166,7 @@ def train(
         "train": {"lr": lr, "vision_lr": lr * settings.vision_lr_scale, "projector_lr": lr * settings.vision_lr_scale,
                   "max_steps": steps, "micro_batch_size": batch, "mixed_precision": "no",
                   "warmup_ratio": warmup, "lr_scheduler": "cosine", "log_every": 1},
+        "reference": {"name_or_path": str(reference) if reference else ""},
         "output_dir": str(out_dir),
         # A stage cut short by `mpo demo --resume` runs again in its own directory.
         "resume_from": "latest",
@@ -181,12 +184,23 @@ def _pipeline_input(records: list[dict], dataset: str, with_answer: bool) -> lis
              "answer": r["answer"] if with_answer else None} for r in ordered]
 
 
+def round_slice(records: list[dict], count: int, round_number: int, fresh: bool) -> list[dict]:
+    """The ``count`` records a round samples: the first ones, or with ``fresh`` the round's own
+    slice (round 1 the first ``count``, round 2 the next, wrapping around); 0: all of them."""
+    if not count or count >= len(records):
+        return records
+    start = (round_number - 1) * count % len(records) if fresh else 0
+    return (records + records)[start : start + count]
+
+
 def build_pairs(model_dir: Path, task_dir: Path, out_dir: Path, settings: DemoSettings, seed: int,
-                progress: bool = True) -> dict:
-    """Samples the SFT model and builds MMPR pairs with the data pipeline (its Python API).
+                progress: bool = True, round_number: int = 1) -> dict:
+    """Samples a model and builds MMPR pairs with the data pipeline (its Python API).
 
     Two builds write into one MMPR directory: the checkable train questions (K samples each ->
     correctness and format pairs) and the describe items (one sample each -> Dropout-NTP pairs).
+    Round r samples with seed ``seed + r - 1`` (round 1: ``seed``), the questions of
+    :func:`round_slice`.
 
     Returns:
         ``{"meta": path, "subsets": {name: pairs}, "summaries": {build: summary dict}}``.
@@ -199,11 +213,12 @@ def build_pairs(model_dir: Path, task_dir: Path, out_dir: Path, settings: DemoSe
     from mpo.data.prompting import resolve_system_prompt
 
     checkable, describe = task_records(task_dir, "train")
-    if settings.sample_questions:
-        checkable = checkable[: settings.sample_questions]
+    checkable = round_slice(checkable, settings.sample_questions, round_number, settings.fresh_questions)
     builds = [(DATASET, _pipeline_input(checkable, DATASET, True), settings.num_samples)]
     if settings.ntp_questions:
-        builds.append((DESCRIBE_DATASET, _pipeline_input(describe[: settings.ntp_questions], DESCRIBE_DATASET, False), 1))
+        describe = round_slice(describe, settings.ntp_questions, round_number, settings.fresh_questions)
+        builds.append((DESCRIBE_DATASET, _pipeline_input(describe, DESCRIBE_DATASET, False), 1))
+    seed = seed + round_number - 1
 
     backend = TransformersBackend(model_dir, device="cpu", dtype="float32")
     params = SamplingParams(temperature=settings.temperature, top_p=1.0, max_new_tokens=settings.max_new_tokens, max_tiles=1)

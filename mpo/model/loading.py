@@ -8,11 +8,13 @@ CPU recipes run from a fresh clone with no download.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from mpo.cache import cache_dir
-from mpo.config import LoraConfig, ModelConfig
+from mpo.config import LoraConfig, ModelConfig, Recipe
 
 BUILTIN_PREFIX = "builtin:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -30,6 +32,11 @@ def resolve_model_path(name_or_path: str) -> str:
     if not (path / "config.json").exists():
         build_tiny_model(path, size=size, seed=int(seed or 0))
     return str(path)
+
+
+def reference_model(recipe: Recipe) -> ModelConfig:
+    """The frozen reference's model settings: the policy's, from ``reference.name_or_path`` when set."""
+    return dataclasses.replace(recipe.model, name_or_path=recipe.reference.name_or_path or recipe.model.name_or_path)
 
 
 def load_processor(config: ModelConfig):

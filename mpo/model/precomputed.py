@@ -47,6 +47,7 @@ from mpo.config import ModelConfig, Recipe
 from mpo.data.media import frame_files
 from mpo.errors import DataError
 from mpo.jsonl import atomic_path
+from mpo.model.loading import reference_model
 from mpo.types import PreferenceBatch, PreferenceRecord, SequenceLogps
 
 FORMAT = "mpo-reference-logps/1"
@@ -150,7 +151,7 @@ class Fingerprint:
             "records": len(records),
             "images": _media_digest(records, root, recipe.reference.image_fingerprint),
         }
-        model_dir = _model_dir(recipe.model)
+        model_dir = _model_dir(reference_model(recipe))  # the model the values come from
         model = {"dtype": recipe.model.dtype, "attn_implementation": recipe.model.attn_implementation}
         for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
             name = str(path.relative_to(model_dir))

@@ -111,6 +111,8 @@ def startup_summary(trainer) -> str:
     size, global batch, steps, outputs)."""
     recipe, accelerator, order = trainer.recipe, trainer.accelerator, trainer.order
     reference = "none (SFT only)" if trainer.reference is None else REFERENCE_KINDS[type(trainer.reference).__name__]
+    if type(trainer.reference).__name__ == "FrozenModelReference" and recipe.reference.name_or_path:
+        reference = f"a frozen copy of {recipe.reference.name_or_path}"
     if trainer.reference is not None and trainer.reuse_features:
         reference += ", reusing the policy's image features"
     epochs = trainer.total_steps / order.steps_per_epoch

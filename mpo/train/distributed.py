@@ -32,7 +32,7 @@ from torch import nn
 from mpo.config import ModelConfig, Recipe
 from mpo.errors import DataError
 from mpo.model.forward import PreferenceForward, text_only_vision
-from mpo.model.loading import load_reference, resolve_model_path
+from mpo.model.loading import load_reference, reference_model, resolve_model_path
 
 
 def uses_deepspeed() -> bool:
@@ -207,12 +207,13 @@ def prepare_deepspeed_reference(reference_forward: nn.Module, accelerator) -> nn
 
 
 def load_frozen_reference(recipe: Recipe, accelerator) -> nn.Module:
-    """The starting checkpoint as a frozen :class:`mpo.model.forward.PreferenceForward`, placed
-    for the launch: a DeepSpeed engine (partitioned like the policy under ZeRO-3), else on the
-    accelerator's device. The trainer and ``mpo precompute-ref`` both load it here; under
-    DeepSpeed, :func:`configure_deepspeed` must have run first."""
+    """The reference checkpoint (``reference.name_or_path``, else the starting one) as a frozen
+    :class:`mpo.model.forward.PreferenceForward`, placed for the launch: a DeepSpeed engine
+    (partitioned like the policy under ZeRO-3), else on the accelerator's device. The trainer and
+    ``mpo precompute-ref`` both load it here; under DeepSpeed, :func:`configure_deepspeed` must
+    have run first."""
     vision = text_only_vision(accelerator.num_processes, zero_config(accelerator), trained=False)
-    reference = PreferenceForward(load_reference(recipe.model), vision)
+    reference = PreferenceForward(load_reference(reference_model(recipe)), vision)
     if is_deepspeed(accelerator):
         return prepare_deepspeed_reference(reference, accelerator)
     return reference.to(accelerator.device)

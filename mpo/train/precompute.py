@@ -18,7 +18,7 @@ from mpo.data.dataset import PreferenceDataset
 from mpo.data.layouts import build_collator
 from mpo.data.records import unique_by_source
 from mpo.errors import DataError, OverlongPair
-from mpo.model.loading import load_processor
+from mpo.model.loading import load_processor, reference_model
 from mpo.model.precomputed import FIELDS, Fingerprint, data_root, pair_key, write_reference_logps
 from mpo.train.console import quiet_libraries
 from mpo.train.distributed import configure_deepspeed, is_deepspeed, load_frozen_reference, make_accelerator, text_hidden_size
@@ -26,8 +26,9 @@ from mpo.types import EncodedPair
 
 
 def default_output(recipe: Recipe) -> Path:
-    """``<data directory>/reference_logps-<model name>.safetensors``."""
-    return data_root(recipe) / f"reference_logps-{Path(recipe.model.name_or_path.replace(':', '-')).name}.safetensors"
+    """``<data directory>/reference_logps-<reference model name>.safetensors``."""
+    name = reference_model(recipe).name_or_path
+    return data_root(recipe) / f"reference_logps-{Path(name.replace(':', '-')).name}.safetensors"
 
 
 def compute(recipe: Recipe, out: Path | None) -> Path:

@@ -162,6 +162,18 @@ def check_resume(recipe: Recipe) -> Path | None:
                         "use a checkpoints/step-N directory or latest", field="resume_from") from None
 
 
+def check_reference_vocabulary(recipe: Recipe, tokenizer) -> None:
+    """A reference from another checkpoint (``reference.name_or_path``) must read the same token
+    ids as the policy: with another vocabulary its log-probs would score other words."""
+    from mpo.model.loading import load_processor, reference_model
+
+    reference = load_processor(reference_model(recipe)).tokenizer
+    if reference.get_vocab() != tokenizer.get_vocab():
+        raise DataError(f"{recipe.reference.name_or_path} has another vocabulary than {recipe.model.name_or_path} "
+                        f"({len(reference)} and {len(tokenizer)} tokens, or the same ids for other tokens); "
+                        "the reference must share the policy's tokenizer", field="reference.name_or_path")
+
+
 def check_before_loading(recipe: Recipe, order: GlobalBatchOrder) -> Path | None:
     """The checks of the data and the resume point, then of the model's files; returns the
     checkpoint to resume from."""

@@ -59,7 +59,8 @@ from mpo.train.optim import build_optimizer, zero_missing_gradients
 from mpo.train.pairs import PairFetcher
 from mpo.train.precision import check_precision, clip_grad_norm
 from mpo.train.liveness import Liveness
-from mpo.train.preflight import check_before_loading, check_environment, load_checked_processor
+from mpo.train.preflight import (check_before_loading, check_environment, check_reference_vocabulary,
+                                 load_checked_processor)
 from mpo.train.report import process_rank
 from mpo.train.run_dir import claim_for_all
 from mpo.train.signals import StopRequest, TrainingStopped, stop_with_launcher
@@ -226,6 +227,10 @@ class MPOTrainer:
             return self.precomputed
         if self.recipe.model.lora.enabled:
             return DisabledAdapterReference(self.accelerator.unwrap_model(self.policy), self.reuse_features)
+        if self.recipe.reference.name_or_path:
+            check_reference_vocabulary(self.recipe, self.processor.tokenizer)
+            # Another checkpoint's vision tower may hold other weights: it encodes the images itself.
+            self.reuse_features = False
         return FrozenModelReference(load_frozen_reference(self.recipe, self.accelerator), self.reuse_features)
 
     def _resume(self, checkpoint: Path) -> None:

@@ -37,10 +37,11 @@ from data_pipeline.prompts import build_cot_prompt, get_template
 from data_pipeline.records import SampleRecord, read_log
 from data_pipeline.server import ChatServer
 from loopback import free_port, serving
-from mpo.data.prompting import INTERNVL_SYSTEM_MESSAGE, encode_prompt
+from taught_model import teach
+from mpo.data.prompting import INTERNVL_SYSTEM_MESSAGE
 
 REPO = Path(__file__).resolve().parents[2]
-MAX_STEPS, TAUGHT_LOSS = 400, 0.1
+TAUGHT_LOSS = 0.1
 TEMPLATE = get_template("custom", '{question}\nThink, then write "Final answer: ..".', "final_answer")
 PROMPT_FLAGS = ["--prompt", "custom", "--template", TEMPLATE.text, "--answer-format", "final_answer"]
 TARGETS = ["I count the shapes.\nFinal answer: 3", "I count the shapes.\nFinal answer: 4", "I am not sure about it."]
@@ -58,42 +59,8 @@ SAMPLING = ["--num-samples", "6", "--max-new-tokens", "16", "--max-tiles", "2", 
 
 def _teach(model_dir: Path, image_dir: Path) -> None:
     """SFT steps on the three TARGETS after each prompt shape the tests use (with the default system turn)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir)
-    processor = AutoProcessor.from_pretrained(model_dir)
-    image = Image.open(image_dir / "a.png").convert("RGB")
-    rows, labels, tiles = [], [], []
-    for question, images in [("How many shapes are there?", [image]), ("Describe the image.", [image]),
-                             ("How many shapes are there?", [image, image])]:
-        prompt = build_cot_prompt(question, len(images), TEMPLATE)
-        prompt_length = encode_prompt(processor, prompt, images, 2, INTERNVL_SYSTEM_MESSAGE)["input_ids"].shape[1]
-        for target in TARGETS:
-            encoded = encode_prompt(processor, prompt, images, 2, INTERNVL_SYSTEM_MESSAGE, assistant_prefix=target + "<|im_end|>")
-            label = encoded["input_ids"][0].clone()
-            label[:prompt_length] = -100
-            rows.append(encoded["input_ids"][0]), labels.append(label), tiles.append(encoded["pixel_values"])
-    length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), processor.tokenizer.pad_token_id)
-    label_ids = torch.full((len(rows), length), -100)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, (ids, label) in enumerate(zip(rows, labels)):
-        input_ids[i, : len(ids)], label_ids[i, : len(ids)], mask[i, : len(ids)] = ids, label, 1
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    # Until the three targets are learnt (the loss then sits near its floor, ~0.085: the branch
-    # between them is irreducible), not a fixed step count: how many steps that takes depends on
-    # the torch/transformers build (60 sufficed on one, 100 are needed on another).
-    for _ in range(MAX_STEPS):
-        loss = model(input_ids=input_ids, attention_mask=mask, pixel_values=torch.cat(tiles), labels=label_ids).loss
-        if loss.item() < TAUGHT_LOSS:
-            break
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < TAUGHT_LOSS, f"the tiny model did not learn the targets: loss {loss.item():.3f} after {MAX_STEPS} steps"
-    model.save_pretrained(model_dir)
+    prompts = [("How many shapes are there?", 1), ("Describe the image.", 1), ("How many shapes are there?", 2)]
+    teach(model_dir, image_dir / "a.png", TEMPLATE, prompts, TARGETS, INTERNVL_SYSTEM_MESSAGE, 2, TAUGHT_LOSS)
 
 
 @pytest.fixture(scope="module")
