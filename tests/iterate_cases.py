@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import yaml
@@ -76,3 +79,28 @@ def write_config(root: Path, out: Path, sampler: str, **iterate) -> Path:
 
 def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie has no command line)."""
+    try:
+        return bool(Path(f"/proc/{pid}/cmdline").read_bytes())
+    except OSError:
+        return False
+
+
+def kill_after_round_one(process: subprocess.Popen, out: Path, log: Path, timeout: float, poll_s: float = 0.2) -> None:
+    """SIGKILLs an ``mpo iterate`` run between its rounds: once round 1's evaluation is recorded,
+    before round 2 has finished."""
+    try:
+        report = out / "round-1" / "report.json"
+        deadline = time.monotonic() + timeout
+        while not (report.exists() and "evaluate" in json.loads(report.read_text())["steps"]):
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"round 1 did not finish in {timeout:.0f} s:\n" + log.read_text()[-3000:]
+            time.sleep(poll_s)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from data_pipeline.generation import fingerprint
 from data_pipeline.sample import SampleSettings
 from data_pipeline.backends import SamplingParams
-from iterate_cases import EVAL_QUESTIONS, QUESTIONS, TEMPLATE, lines, write_config, write_workspace
+from iterate_cases import EVAL_QUESTIONS, QUESTIONS, TEMPLATE, alive, kill_after_round_one, lines, write_config, write_workspace
 from mpo.cli.iterate import main
 from mpo.data.prompting import INTERNVL_SYSTEM_MESSAGE
 from mpo.errors import EXIT_BAD_INPUT
@@ -169,14 +169,6 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _alive(pid: int) -> bool:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return bool(raw)  # a zombie has no command line
-
-
 @pytest.mark.slow
 def test_a_killed_run_resumes_and_stops_its_server(workspace: Path) -> None:
     out = workspace / "killed"
@@ -186,30 +178,19 @@ def test_a_killed_run_resumes_and_stops_its_server(workspace: Path) -> None:
     run = [sys.executable, "-m", "mpo", "iterate", str(config)]
     with open(workspace / "killed.log", "wb") as log:
         process = subprocess.Popen(run, stdout=log, stderr=subprocess.STDOUT, env=_child_env(), cwd=REPO)
-    try:
-        # Between the rounds: round 1 finished (its evaluation done on a server of its model, which
-        # also serves round 2's sampling), round 2 not yet.
-        deadline = time.monotonic() + 600
-        report = out / "round-1" / "report.json"
-        while not (report.exists() and "evaluate" in json.loads(report.read_text())["steps"]):
-            assert process.poll() is None, (workspace / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "round 1 did not finish in 10 minutes"
-            time.sleep(0.2)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    # Between the rounds: round 1 finished (its evaluation done on a server of its model, which
+    # also serves round 2's sampling), round 2 not yet.
+    kill_after_round_one(process, out, workspace / "killed.log", timeout=600)
     record = json.loads((out / "server.json").read_text())
     assert record["model"] == str((out / "round-1" / "train" / "final").resolve())
-    assert _alive(record["pid"])  # the killed run's server lives on, holding its memory
+    assert alive(record["pid"])  # the killed run's server lives on, holding its memory
     round1 = (out / "round-1" / "report.json").read_text()
     weights = (out / "round-1" / "train" / "final" / "model.safetensors").stat().st_mtime_ns
 
     resumed = subprocess.run([*run, "--resume"], capture_output=True, text=True, env=_child_env(), cwd=REPO, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"stopped the server an earlier run left on {record['model']} (pid {record['pid']})" in resumed.stderr
-    assert not _alive(record["pid"])
+    assert not alive(record["pid"])
     assert not (out / "server.json").exists()
     assert (out / "round-1" / "report.json").read_text() == round1  # round 1 is not run again
     assert (out / "round-1" / "train" / "final" / "model.safetensors").stat().st_mtime_ns == weights
@@ -244,5 +225,5 @@ def test_sigterm_stops_the_server_it_started(workspace: Path) -> None:
     finally:
         if process.poll() is None:
             process.kill()
-    assert not _alive(pid) and not (out / "server.json").exists()
+    assert not alive(pid) and not (out / "server.json").exists()
     assert (workspace / "terminated.log").read_text().splitlines()[-1] == "error: interrupted"

@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from iterate_cases import lines, write_config, write_workspace
+from iterate_cases import alive, kill_after_round_one, lines, write_config, write_workspace
 from mpo.model.tiny import build_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -55,13 +53,6 @@ def _env() -> dict[str, str]:
                 VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="1")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return bool(Path(f"/proc/{pid}/cmdline").read_bytes())  # a zombie has no command line
-    except OSError:
-        return False
-
-
 def test_two_rounds_on_vllm_killed_between_rounds(workspace: Path) -> None:
     out = workspace / "run"
     config = write_config(workspace, out, "vllm", vllm_python=str(VENV / "bin" / "python"), server_args=CPU_SERVER_ARGS,
@@ -69,28 +60,17 @@ def test_two_rounds_on_vllm_killed_between_rounds(workspace: Path) -> None:
     run = [sys.executable, "-m", "mpo", "iterate", str(config)]
     with open(workspace / "first.log", "wb") as log:
         process = subprocess.Popen(run, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
-    try:
-        report = out / "round-1" / "report.json"
-        deadline = time.monotonic() + ROUND_TIMEOUT
-        while not (report.exists() and "evaluate" in json.loads(report.read_text())["steps"]):
-            assert process.poll() is None, (workspace / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "round 1 did not finish in time:\n" + (workspace / "first.log").read_text()[-3000:]
-            time.sleep(0.5)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    kill_after_round_one(process, out, workspace / "first.log", timeout=ROUND_TIMEOUT, poll_s=0.5)
     record = json.loads((out / "server.json").read_text())
     assert record["model"] == str((out / "round-1" / "train" / "final").resolve())
     assert record["command"][:3] == [str(VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server"]
-    assert _alive(record["pid"])
+    assert alive(record["pid"])
     first_round = (out / "round-1" / "report.json").read_text()
 
     resumed = subprocess.run([*run, "--resume"], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=2 * ROUND_TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"stopped the server an earlier run left on {record['model']} (pid {record['pid']})" in resumed.stderr
-    assert not _alive(record["pid"]) and not (out / "server.json").exists()
+    assert not alive(record["pid"]) and not (out / "server.json").exists()
     assert (out / "round-1" / "report.json").read_text() == first_round
     reports = lines(out / "rounds.jsonl")
     assert [r["round"] for r in reports] == [0, 1, 2]
