@@ -20,8 +20,10 @@ from mpo.errors import DataError
 from mpo.jsonl import dumps_line, json_object_lines
 
 
-class ResumeError(RuntimeError):
-    """An existing output cannot be continued (other settings, or another process writes it)."""
+class ResumeError(DataError):
+    """An existing output cannot be continued (other settings, or another process writes it): one
+    line and exit 2 from every command that reaches it (``mpo-data``, and ``mpo demo`` / ``mpo
+    iterate``, which sample through the pipeline)."""
 
 
 @dataclass(frozen=True)

@@ -155,3 +155,19 @@ def test_a_recipe_typo_is_reported_before_torch_loads(tiny_mmpr_dir, tmp_path):
     result = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "2 []"
     assert result.stderr.strip().startswith(f"error: {recipe}: unknown key train.learning_rate: did you mean train.lr?")
+
+
+def test_an_output_that_cannot_be_resumed_is_one_line(capsys):
+    """``mpo demo --resume`` over samples written with other settings: before, a ResumeError
+    traceback (exit 1); now the pipeline's message in one line, exit 2."""
+    from data_pipeline.records import ResumeError
+    from mpo.cli.main import exit_on_data_error
+    from mpo.errors import EXIT_BAD_INPUT
+
+    def job() -> int:
+        raise ResumeError("out/work/shapes/samples.shard-0-of-1.jsonl was written with other settings (model, sampling, "
+                          "prompt or seed); use another output path, or delete it to start over")
+
+    assert exit_on_data_error(job) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err == ("error: out/work/shapes/samples.shard-0-of-1.jsonl was written with other settings "
+                                       "(model, sampling, prompt or seed); use another output path, or delete it to start over\n")
