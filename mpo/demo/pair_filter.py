@@ -154,7 +154,8 @@ def pair_by_chains(meta_path: Path, matched_path: Path, records: dict[str, dict]
     subsets = {dataset + CORRECTNESS_SUFFIX: correctness, dataset + FORMAT_SUFFIX: format_pairs}
     write_mmpr(out_dir, out_dir / template["root"], subsets, template["max_dynamic_patch"],
                {name: template.get("system_prompt") for name in subsets})
-    meta = json.loads((out_dir / "meta.json").read_text())
+    # No right chain anywhere (a model that has learnt nothing yet) writes no subset, and no meta.json.
+    meta = json.loads((out_dir / "meta.json").read_text()) if (out_dir / "meta.json").exists() else {}
     meta.update({name: entry for name, entry in source.items() if name not in subsets})
     write_json_atomic(out_dir / "meta.json", meta)
     pipeline_pairs = source.get(dataset + CORRECTNESS_SUFFIX)

@@ -66,7 +66,7 @@ class DemoSettings:
     """Pairs kept per question (the pipeline's cap; MMPR uses 15)."""
     ntp_questions: int = 150
     """Describe questions turned into Dropout-NTP pairs (0: none)."""
-    pairing: str = "right_chains"
+    pairing: str = "first_error"
     """How the correctness pairs are judged (``mpo.demo.pair_filter``; the pipeline's own pairs stay
     in ``pairs-<source>/``): ``answer``, the pipeline's pairs as they are (right final answer
     against a wrong one); ``right_chains``, those whose chosen chain is right claim by claim;

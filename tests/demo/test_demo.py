@@ -121,13 +121,15 @@ def test_pairs_stage(demo_out: Path) -> None:
             samples = _lines(pairs / "work" / "shapes" / "matched.jsonl")
             assert len(samples) == QUICK.train_images * QUICK.questions_per_image
             assert all(len(record["responses"]) == QUICK.num_samples for record in samples)
-            # training used the pairs whose chosen chain is right (pairing: right_chains): here
-            # no correctness pairs, so the same subsets
+            # training used pairs judged by their chains (the default pairing, first_error): the
+            # pipeline's correctness and format subsets replaced by chain-judged ones (none here:
+            # the quick model writes no right chain), its Dropout-NTP subset kept as it is
             checked = json.loads((pairs.parent / f"pairs-{source}_checked" / "meta.json").read_text())
             recorded = result["rounds"][number - 1]["samples"][source]
+            assert QUICK.pairing == DemoSettings().pairing == "first_error"
             assert recorded["pairs"] == {name: entry["length"] for name, entry in checked.items()} == {
-                name: entry["length"] for name, entry in meta.items()}
-            assert QUICK.pairing == "right_chains" and recorded["build"]["wrong_chains_dropped"] == 0
+                name: entry["length"] for name, entry in meta.items() if name.endswith("_prefix_pair_sr0.5_wo_image")}
+            assert recorded["build"]["wrong_chains_dropped"] == 0
             assert recorded["pass_at_k"] == pass_at_k(pairs / "work" / "shapes" / "matched.jsonl")
     assert "shapes_describe_prefix_pair_sr0.5_wo_image" in json.loads((seed / "round1" / "pairs-sft" / "meta.json").read_text())
 
