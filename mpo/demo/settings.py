@@ -72,10 +72,9 @@ class DemoSettings:
     against a wrong one); ``right_chains``, those whose chosen chain is right claim by claim;
     ``chains``, every response judged by its chain and paired again (a right chain against any
     other parsable response, lucky right answers included); ``first_error``, the same with each
-    rejected chain cut just past its first wrong token. Measured on the same 3 seeds' SFT
-    models and samples: MPO +10.2 points over the SFT model with ``right_chains``, +6.8 with
-    ``answer`` (where 56 % of the chosen responses reached the right answer through a wrong
-    operation); the README has the shipped default's figures."""
+    rejected chain cut just past its first wrong token. Measured over two rounds on 3 seeds (MPO
+    after round 2 over the SFT model): ``first_error`` +14.0 points, ``chains`` +7.7,
+    ``right_chains`` +1.9; DPO alone 50.6 % with ``first_error``, 13–28 % with whole chains."""
 
     # -- stage 3: preference training from the SFT model (MPO, and the two ablations)
     pref_steps: int = 200
