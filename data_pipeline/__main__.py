@@ -28,11 +28,9 @@ import traceback
 from data_pipeline.backends import BackendError
 from data_pipeline.prompt_check import SAMPLE_EVERY
 from data_pipeline.server_kinds import SERVERS
-from data_pipeline.records import ResumeError
 from data_pipeline.sharding import ShardSpec
 from mpo.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED
 from mpo.config import MAX_IMAGE_PIXELS
-from mpo.errors import DataError
 from mpo.data.prompting import SYSTEM_PROMPT_CHOICES
 
 
@@ -246,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return commands.run(args)
-    except (DataError, ResumeError, ValueError) as error:
+    except ValueError as error:  # DataError and ResumeError are ValueErrors
         print(f"mpo-data: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BackendError as error:

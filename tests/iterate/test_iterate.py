@@ -164,6 +164,11 @@ def test_a_run_is_not_replaced_or_mixed_by_accident(two_rounds: Path, workspace:
     assert (foreign / "notes.txt").read_text() == "mine"
 
 
+# `sampler: server` with the project's own OpenAI-compatible server, on the port mpo iterate picks.
+SERVE_COMMAND = [sys.executable, "-m", "data_pipeline", "serve", "--model", "{model}", "--served-model-name", "{model}",
+                 "--port", "{port}", "--host", "127.0.0.1"]
+
+
 def _child_env() -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     return env
@@ -172,9 +177,7 @@ def _child_env() -> dict[str, str]:
 @pytest.mark.slow
 def test_a_killed_run_resumes_and_stops_its_server(workspace: Path) -> None:
     out = workspace / "killed"
-    command = [sys.executable, "-m", "data_pipeline", "serve", "--model", "{model}", "--served-model-name", "{model}",
-               "--port", "{port}", "--host", "127.0.0.1"]
-    config = write_config(workspace, out, "server", server_command=command, server_timeout=300.0)
+    config = write_config(workspace, out, "server", server_command=SERVE_COMMAND, server_timeout=300.0)
     run = [sys.executable, "-m", "mpo", "iterate", str(config)]
     with open(workspace / "killed.log", "wb") as log:
         process = subprocess.Popen(run, stdout=log, stderr=subprocess.STDOUT, env=_child_env(), cwd=REPO)
@@ -207,9 +210,7 @@ def test_a_killed_run_resumes_and_stops_its_server(workspace: Path) -> None:
 def test_sigterm_stops_the_server_it_started(workspace: Path) -> None:
     # A preempted job gets SIGTERM: the run ends as interrupted (130) and stops its server on the way out.
     out = workspace / "terminated"
-    command = [sys.executable, "-m", "data_pipeline", "serve", "--model", "{model}", "--served-model-name", "{model}",
-               "--port", "{port}", "--host", "127.0.0.1"]
-    config = write_config(workspace, out, "server", server_command=command, server_timeout=300.0)
+    config = write_config(workspace, out, "server", server_command=SERVE_COMMAND, server_timeout=300.0)
     with open(workspace / "terminated.log", "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "mpo", "iterate", str(config)], stdout=log, stderr=subprocess.STDOUT,
                                    env=_child_env(), cwd=REPO)
