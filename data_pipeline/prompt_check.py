@@ -84,21 +84,23 @@ class PromptCheck:
                            "would be trained under this one (pass --prompt-check off to sample anyway)")
 
     def _cause(self, request: GenerationRequest, max_tiles: int, served: int, rendered: int, server: str | None) -> str:
+        # Exact re-renders first; a difference that is merely a multiple of one tile's tokens comes
+        # last, since a system turn of that many tokens would look the same.
+        budget = tile_budget(max_tiles, len(request.images)) if request.images else 0
+        sent = (f"sent as {KEYS[server]}" if server else
+                "none sent: the server was not recognised (pass --server vllm|lmdeploy|sglang if it is one of them)")
         if request.images:
-            budget = tile_budget(max_tiles, len(request.images))
             default = self.processor.image_processor.max_patches
-            sent = (f"sent as {KEYS[server]}" if server else
-                    "none sent: the server was not recognised (pass --server vllm|lmdeploy|sglang if it is one of them)")
             if prompt_length(self.processor, request, default * len(request.images)) == served:
                 return (f"tile budget not honoured: the server tiled each image at its default budget of {default} tiles, "
                         f"not {budget} ({sent})")
-            if (served - rendered) % self.processor.image_seq_length == 0:
-                tiles = (served - rendered) // self.processor.image_seq_length
-                return f"tile budget not honoured: the server's images have {tiles:+d} tile(s) against a budget of {budget} ({sent})"
         if request.system_prompt is not None and prompt_length(self.processor, request, max_tiles, drop_system=True) == served:
             return "system message: the server left out the system turn that was sent"
         if request.system_prompt is None and prompt_length(self.processor, request, max_tiles, INTERNVL_SYSTEM_MESSAGE) == served:
             return "system message: the server adds InternVL's default one (send it: --system-prompt auto)"
+        if request.images and (served - rendered) % self.processor.image_seq_length == 0:
+            tiles = (served - rendered) // self.processor.image_seq_length
+            return f"tile budget not honoured: the server's images have {tiles:+d} tile(s) against a budget of {budget} ({sent})"
         return "template: the server's chat template renders the prompt otherwise than the checkpoint's (serve its chat_template)"
 
     def summary(self) -> str:

@@ -68,29 +68,41 @@ def main(argv: list[str] | None = None) -> int:
     return exit_on_data_error(lambda: _iterate(args))
 
 
-def claim_output_dir(out: Path, config_text: str, resume: bool, overwrite: bool) -> None:
-    """Starts a run in ``out``, or checks that ``--resume`` continues the same run there.
+def claim_output_dir(out: Path, config_text: str, resume: bool, overwrite: bool):
+    """Starts a run in ``out``, or checks that ``--resume`` continues the same run there; returns
+    the held lock of ``out`` (:class:`mpo.train.run_dir.RunDirLock`, the trainer's), so that a
+    second ``mpo iterate`` on a live run neither stops its server nor deletes it.
 
     Raises:
-        DataError: ``out`` holds files ``mpo iterate`` did not write, holds a run and neither flag
-            says what to do with it, or holds a run of another config (the keys that differ named).
+        DataError: another run holds ``out``; ``out`` holds files ``mpo iterate`` did not write,
+            holds a run and neither flag says what to do with it, or holds a run of another config
+            (the keys that differ named).
     """
+    from mpo.train.run_dir import LOCK_FILE, RunDirLock
+
     saved = out / SAVED_CONFIG
-    if out.exists() and any(out.iterdir()) and not saved.exists():
+    if out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()) and not saved.exists():
         raise DataError(f"{out} holds files that mpo iterate did not write; choose another output_dir", field="output_dir")
-    if saved.exists():
-        if overwrite:
-            shutil.rmtree(out)
-        elif not resume:
-            raise DataError(f"{out} holds an mpo iterate run: pass --resume to continue it, or --overwrite to start over",
-                            field="output_dir")
-        else:
-            changed = _differences(yaml.safe_load(saved.read_text()), yaml.safe_load(config_text))
-            if changed:
-                raise DataError(f"--resume needs the stopped run's config; these keys differ from {saved}: {', '.join(changed)}",
+    lock = RunDirLock.acquire(out)
+    try:
+        if saved.exists():
+            if overwrite:
+                for path in out.iterdir():
+                    if path.name != LOCK_FILE:
+                        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            elif not resume:
+                raise DataError(f"{out} holds an mpo iterate run: pass --resume to continue it, or --overwrite to start over",
                                 field="output_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(saved, config_text)
+            else:
+                changed = _differences(yaml.safe_load(saved.read_text()), yaml.safe_load(config_text))
+                if changed:
+                    raise DataError(f"--resume needs the stopped run's config; these keys differ from {saved}: "
+                                    f"{', '.join(changed)}", field="output_dir")
+        write_text_atomic(saved, config_text)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def _differences(before: dict, now: dict, prefix: str = "") -> list[str]:
@@ -145,7 +157,14 @@ def _iterate(args: argparse.Namespace) -> int:
     from mpo.iterate.config import load_iterate
 
     setup = load_iterate(args.config, args.overrides, args.rounds)
-    claim_output_dir(setup.output_dir, setup.to_yaml(), args.resume, args.overwrite)
+    lock = claim_output_dir(setup.output_dir, setup.to_yaml(), args.resume, args.overwrite)
+    try:
+        return _run(setup, args)
+    finally:
+        lock.release()
+
+
+def _run(setup, args: argparse.Namespace) -> int:
     train = _train_function(args)
     from data_pipeline.backends import BackendError
     from mpo.iterate.loop import run_rounds

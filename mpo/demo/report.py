@@ -16,14 +16,11 @@ import statistics
 from pathlib import Path
 
 from mpo.demo.plots import plot_accuracy, plot_training_curves
-from mpo.demo.results import METHOD_LABELS, SeedResult, short_label
+from mpo.demo.results import METHOD_LABELS, PREFERENCE_METHODS, SeedResult, rounds_of, short_label
 from mpo.demo.round_plot import plot_rounds
 from mpo.demo.settings import STAGE_CHECK_PRESETS
 
 TARGET_GAIN = 10.0  # points of held-out accuracy, MPO after the last round over SFT, mean over seeds
-PREFERENCE_METHODS = ("mpo", "dpo", "sft_chosen")
-
-
 def _points(value: float) -> str:
     return f"{100 * value:.1f}"
 
@@ -40,11 +37,6 @@ def _mean_spread(values: list[float]) -> str:
 def _methods(results: list[SeedResult], attribute: str) -> list[str]:
     """The methods every seed has a value of ``attribute`` for, in the report's order."""
     return [m for m in METHOD_LABELS if all(m in getattr(r, attribute) for r in results)]
-
-
-def rounds_of(results: list[SeedResult]) -> int:
-    """The rounds every seed finished."""
-    return min(len(r.rounds) for r in results)
 
 
 def accuracy_rows(results: list[SeedResult]) -> list[tuple[str, list[float]]]:

@@ -13,9 +13,18 @@ METHOD_LABELS = {
 }
 
 
+PREFERENCE_METHODS = ("mpo", "dpo", "sft_chosen")
+"""The methods trained in every preference round, in report and plot order."""
+
+
 def short_label(method: str) -> str:
     """``"MPO (0.8 DPO + ...)"`` -> ``"MPO"``: the label without its weights, for tight spaces."""
     return METHOD_LABELS.get(method, method).split(" (")[0]
+
+
+def rounds_of(results: list[SeedResult]) -> int:
+    """The rounds every seed finished."""
+    return min(len(r.rounds) for r in results)
 
 
 @dataclass

@@ -7,17 +7,14 @@ import statistics
 from pathlib import Path
 
 from mpo.demo.plots import METHOD_COLOURS
-from mpo.demo.results import SeedResult, short_label
-
-ROUND_METHODS = ("mpo", "dpo", "sft_chosen")
+from mpo.demo.results import PREFERENCE_METHODS, SeedResult, rounds_of, short_label
 
 
 def round_accuracies(results: list[SeedResult], method: str) -> list[list[float]]:
     """Per round (0 = the SFT model, then each round every seed finished): ``method``'s held-out
     accuracy per seed, in points."""
-    rounds = min(len(r.rounds) for r in results)
     points = [[100 * r.accuracy["sft"] for r in results]]
-    return points + [[100 * r.rounds[i].accuracy[method] for r in results] for i in range(rounds)]
+    return points + [[100 * r.rounds[i].accuracy[method] for r in results] for i in range(rounds_of(results))]
 
 
 def plot_rounds(results: list[SeedResult], path: Path) -> Path:
@@ -27,7 +24,7 @@ def plot_rounds(results: list[SeedResult], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4))
-    for offset, method in zip((-0.06, 0.0, 0.06), ROUND_METHODS):
+    for offset, method in zip((-0.06, 0.0, 0.06), PREFERENCE_METHODS):
         per_round = round_accuracies(results, method)
         rounds = range(len(per_round))
         axis.plot(rounds, [statistics.fmean(values) for values in per_round], color=METHOD_COLOURS[method], marker="o",

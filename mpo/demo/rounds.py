@@ -168,12 +168,13 @@ class SeedRun:
         samples = Samples(source=source, pairs=built["subsets"])
         samples.build = {key: sum(s[key] for s in built["summaries"].values()) for key in BUILD_COUNTS}
         checked = directory / f"pairs-{source}_checked"
+        kept = None  # pairing "answer": the pipeline's pairs as they are
         if settings.pairing == "right_chains":
             kept = keep_right_chains(Path(built["meta"]), self.train_by_id, checked)
         elif settings.pairing in ("chains", "first_error"):
             kept = pair_by_chains(Path(built["meta"]), pairs_dir / "work" / DATASET / "matched.jsonl", self.train_by_id, checked,
                                   settings.max_pairs, self.seed + number - 1, settings.pairing == "first_error")
-        if settings.pairing != "answer":
+        if kept is not None:
             built = {**built, "meta": kept["meta"]}
             samples.pairs = kept["subsets"]
             samples.build["wrong_chains_dropped"] = kept["dropped"]

@@ -28,7 +28,10 @@ from mpo.config import Recipe, read_recipe_yaml, recipe_from_dict, section_from_
 from mpo.errors import DataError
 
 SECTION = "iterate"
-SET_PER_ROUND = ("data.meta_path", "data.jsonl_path", "data.dataset_path", "resume_from")
+SET_PER_ROUND = ("data.meta_path", "data.jsonl_path", "data.dataset_path", "resume_from", "reference.name_or_path",
+                 "reference.precomputed_path")
+"""Recipe keys each round sets (its pairs, its reference by ``iterate.reference``, its resume); a
+config that sets one is refused rather than overridden, or left to override the iteration's choice."""
 VLLM_VENV_ENV = "MPO_VLLM_VENV"
 """The environment variable naming the virtual environment vLLM is installed in (its own: vLLM
 pins its own torch and transformers; ``scripts/setup_vllm.sh`` builds one)."""
@@ -129,10 +132,6 @@ class IterateConfig:
     ntp_pairs_per_question: int = 1
     """Dropout-NTP continuations per question without an answer."""
 
-    def sampling_key(self) -> dict:
-        """What decides a round's samples and pairs (all but the number of rounds)."""
-        return {k: v for k, v in asdict(self).items() if k != "rounds"}
-
 
 @dataclass(frozen=True)
 class IterateSetup:
@@ -213,7 +212,12 @@ def load_iterate(path: str | os.PathLike, overrides: list[str] | None = None, ro
         raise DataError("the starting policy is required", file=source, field="model.name_or_path")
     setup = IterateSetup(config, data, source)
     _check(setup)
-    round_recipe(setup, 1, setup.initial_model, round_dir(setup.output_dir, 1) / "pairs" / "meta.json", False)
+    first = round_recipe(setup, 1, setup.initial_model, round_dir(setup.output_dir, 1) / "pairs" / "meta.json", False)
+    if first.model.lora.enabled:
+        # Round k+1 samples and trains from round k's final/, which a LoRA run writes as an adapter
+        # that neither the servers nor model.name_or_path load; refused here, not after round 1.
+        raise DataError("mpo iterate trains full models (each round's final/ is the next round's model and sampler); "
+                        "set model.lora.enabled: false", file=source, field="model.lora.enabled")
     return setup
 
 

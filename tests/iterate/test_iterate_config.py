@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -50,9 +51,13 @@ def test_each_round_recipe(in_repo) -> None:
     ("iterate.prompt=custom", "iterate.prompt: --prompt custom needs --template"),
     ("data.meta_path=x/meta.json", "data.meta_path: is set by mpo iterate for each round; remove it from the config"),
     ("resume_from=latest", "resume_from: is set by mpo iterate for each round"),
+    ("reference.name_or_path=/ckpt/other", "reference.name_or_path: is set by mpo iterate for each round"),
+    ("reference.precomputed_path=ref.safetensors", "reference.precomputed_path: is set by mpo iterate for each round"),
     ("train.micro_batch_size=0", "tiny_cpu.yaml (round 1): train.micro_batch_size: must be at least 1"),
     ("iterate.server_command=[x]", "iterate.server_command: is read with sampler: server only"),
     ("iterate.sampler=server", "iterate.server_command: needs {model} and {port} among its arguments"),
+    ("model.lora.enabled=true", "model.lora.enabled: mpo iterate trains full models (each round's final/ is the next "
+                                "round's model and sampler); set model.lora.enabled: false"),
 ])
 def test_bad_keys_are_refused_by_name(in_repo, override: str, message: str) -> None:
     with pytest.raises(DataError) as error:
@@ -91,16 +96,23 @@ def test_help_documents_every_key(capsys: pytest.CaptureFixture) -> None:
 def test_output_dir_claims(tmp_path: Path) -> None:
     out = tmp_path / "run"
     text = yaml.safe_dump({"iterate": {"rounds": 2, "num_samples": 4}, "train": {"lr": 1e-3}})
-    claim_output_dir(out, text, resume=False, overwrite=False)
+    lock = claim_output_dir(out, text, resume=False, overwrite=False)
     (out / "round-1").mkdir()
+    # While a run holds the folder, neither --resume nor --overwrite touches it (the trainer's lock).
+    for resume, overwrite in ((True, False), (False, True)):
+        with pytest.raises(DataError, match=f"output_dir: {out} is in use by another run \\(process {os.getpid()} "):
+            claim_output_dir(out, text, resume=resume, overwrite=overwrite)
+    assert (out / "round-1").exists()
+    lock.release()
     with pytest.raises(DataError, match="holds an mpo iterate run: pass --resume to continue it, or --overwrite"):
         claim_output_dir(out, text, resume=False, overwrite=False)
     more_rounds = text.replace("rounds: 2", "rounds: 5")
-    claim_output_dir(out, more_rounds, resume=True, overwrite=False)  # a resumed run may add rounds
+    claim_output_dir(out, more_rounds, resume=True, overwrite=False).release()  # a resumed run may add rounds
     assert (out / "round-1").exists()
     other = more_rounds.replace("lr: 0.001", "lr: 0.002").replace("num_samples: 4", "num_samples: 8")
     with pytest.raises(DataError, match="these keys differ from .*iterate.yaml: iterate.num_samples, train.lr$"):
         claim_output_dir(out, other, resume=True, overwrite=False)
-    claim_output_dir(out, other, resume=False, overwrite=True)
+    claim_output_dir(out, other, resume=False, overwrite=True).release()
     assert not (out / "round-1").exists() and yaml.safe_load((out / "iterate.yaml").read_text())["train"]["lr"] == 0.002
+    assert sorted(p.name for p in out.iterdir()) == [".mpo-run.lock", "iterate.yaml"]
     assert _differences({"a": {"b": 1}, "c": 2}, {"a": {"b": 1, "d": 3}}) == ["a.d", "c"]
